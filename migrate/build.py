@@ -1,0 +1,387 @@
+"""BUILD stage: one TF2 object over the module's graphs and one set of variables.
+
+The module's checkpoint is restored once into eager resource variables. Each
+MetaGraph (tag set `set()` and, if present, `{"train"}`) is imported inside
+`tf.compat.v1.wrap_function` with `input_map` sending every VarHandleOp to the
+captured handle of the shared variable, so both graphs read and update the
+same variables. `prune` then cuts one function per graph variant:
+
+- inference: every output of every signature (one copy of the graph);
+- train: the chosen output plus the update ops (UPDATE_OPS, or the in-place
+  updates of reference-variable graphs rewritten to resource ops);
+- regularization losses: all REGULARIZATION_LOSSES tensors.
+
+The root object implements the Reusable SavedModel API:
+`__call__(images, training=False, **hparams)`, `variables`,
+`trainable_variables`, `regularization_losses`, plus `metadata`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+from typing import Callable, Mapping, Optional, Sequence
+
+import tensorflow as tf
+
+from migrate import errors
+from migrate import graph_rewrite
+from migrate import legacy_format
+from migrate import plan as plan_lib
+
+TOOL_VERSION = "0.1.0"
+
+
+class MigratedModel(tf.__internal__.tracking.AutoTrackable):
+  """Root of a converted model (an AutoTrackable: `variables` stays writable).
+
+  The saved `__call__` is an instance attribute (a tf.function); Python looks
+  special methods up on the type, hence this forwarder.
+  """
+
+  def __call__(self, *args, **kwargs):
+    return self.__dict__["__call__"](*args, **kwargs)
+
+
+class Metadata(tf.__internal__.tracking.AutoTrackable):
+  """Read-only facts about the conversion, saved as non-trainable variables."""
+
+
+@dataclasses.dataclass
+class BuiltModel:
+  """The TF2 object and what was decided while building it."""
+
+  root: MigratedModel
+  plan: plan_lib.MigrationPlan
+  signatures: Mapping[str, tf.types.experimental.ConcreteFunction]
+  notes: Sequence[str]  # Human-readable facts for the summary and model card.
+  output_dropout_removed: Optional[graph_rewrite.DropoutMatch]
+  output_dropout_kept: Optional[graph_rewrite.DropoutMatch]
+  reference_variables_rewritten: int
+  train_output_random: bool  # The training-mode output still depends on random ops.
+
+
+def _graph_variables(graph_def) -> dict[str, tuple[tf.DType, tf.TensorShape]]:
+  result = {}
+  for node in graph_def.node:
+    if node.op in graph_rewrite.RESOURCE_VARIABLE_OPS | graph_rewrite.REF_VARIABLE_OPS:
+      result[node.name] = (tf.as_dtype(node.attr["dtype"].type),
+                           tf.TensorShape(node.attr["shape"].shape))
+  return result
+
+
+def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variable]:
+  """One eager variable per graph variable, restored from the checkpoint."""
+  trainable = {v.name for variant in module.variants.values()
+               for v in variant.variables if v.trainable}
+  in_graph: dict[str, tuple[tf.DType, tf.TensorShape]] = {}
+  order: list[str] = []
+  for tags in sorted(module.variants, key=len, reverse=True):
+    for name, spec in _graph_variables(module.variants[tags].graph_def).items():
+      if name not in in_graph:
+        in_graph[name] = spec
+        order.append(name)
+  if not in_graph:
+    return {}
+  try:
+    reader = tf.train.load_checkpoint(module.checkpoint_prefix)
+    shapes = reader.get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError) as e:
+    raise errors.CorruptModuleError(
+        f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
+        f"{type(e).__name__}: {_first_line(e)}") from None
+  missing = [n for n in order if n not in shapes]
+  if missing:
+    raise errors.CorruptModuleError(
+        f"{module.checkpoint_prefix}: the variables index does not match the "
+        f"graph: expected {len(order)} variables, missing {len(missing)} "
+        f"(e.g. '{missing[0]}')")
+  variables = {}
+  for name in order:
+    dtype, shape = in_graph[name]
+    if shape.rank is not None and list(shape) != list(shapes[name]):
+      raise errors.CorruptModuleError(
+          f"{module.checkpoint_prefix}: the variables index does not match the "
+          f"graph: variable '{name}' has shape {list(shapes[name])} in the "
+          f"checkpoint, {shape.as_list()} in the graph")
+    try:
+      value = reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError) as e:
+      raise errors.CorruptModuleError(
+          f"{module.checkpoint_prefix}: expected a value for variable '{name}', "
+          f"found {type(e).__name__}: {_first_line(e)}") from None
+    variables[name] = tf.Variable(value, dtype=dtype, name=name,
+                                  trainable=name in trainable)
+  return variables
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+class _ImportedGraph:
+  """One MetaGraph imported over the shared variables."""
+
+  def __init__(self, graph_def, variables: Mapping[str, tf.Variable], where: str):
+    self.where = where
+    handles = [n.name for n in graph_def.node
+               if n.op in graph_rewrite.RESOURCE_VARIABLE_OPS]
+
+    def import_fn():
+      graph = tf.compat.v1.get_default_graph()
+      input_map = {f"{name}:0": graph.capture(variables[name].handle)
+                   for name in handles if name in variables}
+      tf.compat.v1.import_graph_def(graph_def, input_map=input_map, name="")
+
+    try:
+      self.wrapped = tf.compat.v1.wrap_function(import_fn, signature=[])
+    except (ValueError, TypeError, tf.errors.OpError, KeyError) as e:
+      raise errors.CorruptModuleError(
+          f"{where}: expected an importable graph, found "
+          f"{type(e).__name__}: {_first_line(e)}") from None
+
+  def prune(self, feeds: Sequence[str], fetches: Sequence[str],
+            ops: Sequence[str] = ()) -> Callable:
+    graph = self.wrapped.graph
+    try:
+      feed_tensors = [graph.get_tensor_by_name(n) for n in feeds]
+      fetch_list = [graph.get_tensor_by_name(n) for n in fetches]
+      fetch_list += [graph.get_operation_by_name(n.split(":")[0]) for n in ops]
+      return self.wrapped.prune(feed_tensors, fetch_list)
+    except (ValueError, KeyError, TypeError) as e:
+      raise errors.CorruptModuleError(
+          f"{self.where}: cannot cut the signature's computation out of the "
+          f"graph: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _inference_feeds(module: legacy_format.LegacyModule) -> list[str]:
+  feeds = []
+  for sig in module.inference.signatures.values():
+    for info in sig.inputs.values():
+      if info.tensor_name not in feeds:
+        feeds.append(info.tensor_name)
+  return feeds
+
+
+def _feed_defaults(graph_def, feeds: Sequence[str]) -> dict[str, tf.Tensor]:
+  """Default values for feeds that are PlaceholderWithDefault of a Const."""
+  nodes = {n.name: n for n in graph_def.node}
+  result = {}
+  for feed in feeds:
+    node = nodes.get(feed.split(":")[0])
+    if node is not None and node.op == "PlaceholderWithDefault":
+      src = nodes.get(node.input[0].split(":")[0])
+      if src is not None and src.op == "Const":
+        result[feed] = tf.constant(tf.make_ndarray(src.attr["value"].tensor))
+  return result
+
+
+def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
+              notes: Sequence[str]) -> Metadata:
+  meta = Metadata()
+  const = lambda v, dtype: tf.Variable(v, dtype=dtype, trainable=False)
+  size = plan.default_image_size or (0, 0)
+  meta.default_image_size = const(list(size), tf.int32)
+  meta.output_kind = const(plan.kind, tf.string)
+  width = plan.output_width or 0
+  meta.num_features = const(width if plan.kind == plan_lib.FEATURE_VECTOR else 0,
+                            tf.int32)
+  meta.num_classes = const(width if plan.kind == plan_lib.CLASSIFICATION else 0,
+                           tf.int32)
+  meta.source_signature = const(plan.signature, tf.string)
+  meta.source_output_key = const(plan.output_key, tf.string)
+  meta.source_path = const(module.path, tf.string)
+  meta.source_sha256 = const(module.saved_model_sha256, tf.string)
+  meta.tool_version = const(TOOL_VERSION, tf.string)
+  meta.has_train_graph = const(plan.has_train_graph, tf.bool)
+  meta.notes = const("\n".join(notes), tf.string)
+  return meta
+
+
+def _call_function(call_impl: Callable, hparams: Sequence[plan_lib.HParam]):
+  """A tf.function `(images, training=False, <hparam>=None, ...)`."""
+  params = [inspect.Parameter("images", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("training", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=False)]
+  params += [inspect.Parameter(h.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               default=None) for h in hparams]
+
+  def __call__(*args, **kwargs):  # pylint: disable=invalid-name
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return call_impl(**bound.arguments)
+
+  signature = inspect.Signature(params)
+  __call__.__signature__ = signature
+  return tf.function(__call__)
+
+
+def build(module: legacy_format.LegacyModule,
+          plan: plan_lib.MigrationPlan) -> BuiltModel:
+  """Builds the TF2 object for `plan`; raises `MigrationError` on bad input."""
+  notes: list[str] = []
+  variables = _create_variables(module)
+  rewritten = 0
+  imported: dict[frozenset, _ImportedGraph] = {}
+  graph_defs = {}
+  for tags, variant in module.variants.items():
+    if tags not in (legacy_format.INFERENCE_TAGS, legacy_format.TRAIN_TAGS):
+      continue
+    graph_def = variant.graph_def
+    refs = graph_rewrite.ref_variables(graph_def)
+    if refs:
+      graph_def = graph_rewrite.to_resource_variables(graph_def)
+      rewritten = max(rewritten, len(refs))
+    graph_defs[tags] = graph_def
+  if rewritten:
+    notes.append(f"{rewritten} reference variables (VariableV2) were rewritten "
+                 f"to resource variables, their update ops included.")
+
+  # The train graph: the chosen output, maybe without its output dropout.
+  removed = kept = None
+  train_output = plan.output_tensor
+  train_random = False
+  if plan.has_train_graph:
+    train_def = graph_defs[legacy_format.TRAIN_TAGS]
+    train_output = module.train.signatures[plan.signature].outputs[plan.output_key].tensor_name
+    match = None
+    if plan.kind == plan_lib.FEATURE_VECTOR:
+      match = graph_rewrite.find_output_dropout(train_def, train_output)
+    if match is not None and plan.remove_output_dropout:
+      train_def, train_output = graph_rewrite.bypass_output_dropout(
+          train_def, train_output, match)
+      graph_defs[legacy_format.TRAIN_TAGS] = train_def
+      removed = match
+      notes.append(
+          f"The train graph applies dropout to the output features (node "
+          f"'{match.output_node}'); it was removed from the training path, as "
+          f"the image feature vector API requires (--keep_output_dropout keeps "
+          f"it).")
+    elif match is not None:
+      kept = match
+      notes.append(
+          f"The train graph applies dropout to the output features (node "
+          f"'{match.output_node}'); kept as asked (--keep_output_dropout), "
+          f"against the image feature vector API.")
+    train_random = graph_rewrite.depends_on_random(train_def, train_output)
+    if train_random and kept is None:
+      notes.append("In training mode the output depends on random ops "
+                   "(e.g. dropout before the logits).")
+  else:
+    notes.append("The module has no train graph: training=True computes the "
+                 "same as inference and updates nothing.")
+
+  for tags, graph_def in graph_defs.items():
+    imported[tags] = _ImportedGraph(graph_def, variables,
+                                    f"{module.path} (tags {sorted(tags)})")
+
+  # Inference: one pruned function computing every signature's outputs.
+  infer_graph = imported[legacy_format.INFERENCE_TAGS]
+  infer_feeds = _inference_feeds(module)
+  infer_fetches = sorted({o.tensor_name
+                          for s in module.inference.signatures.values()
+                          for o in s.outputs.values()})
+  infer_fn = infer_graph.prune(infer_feeds, infer_fetches)
+  infer_defaults = _feed_defaults(graph_defs[legacy_format.INFERENCE_TAGS],
+                                  infer_feeds)
+
+  def run_inference(feed_values: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    args = []
+    for feed in infer_feeds:
+      if feed in feed_values:
+        args.append(feed_values[feed])
+      elif feed in infer_defaults:
+        args.append(infer_defaults[feed])
+      else:
+        raise ValueError(f"missing input for {feed}")
+    return dict(zip(infer_fetches, infer_fn(*args)))
+
+  # Train: the chosen output and the update ops.
+  hparam_feeds = [h.tensor_name for h in plan.hparams]
+  if plan.has_train_graph:
+    train_variant = module.train
+    update_ops = list(train_variant.update_ops)
+    train_graph = imported[legacy_format.TRAIN_TAGS]
+    train_feeds = [plan.images_tensor] + hparam_feeds
+    train_fn = train_graph.prune(train_feeds, [train_output], ops=update_ops)
+  loss_variant = module.train or module.inference
+  loss_graph = imported[loss_variant.tags]
+  loss_names = list(loss_variant.regularization_losses)
+  losses_fn = loss_graph.prune([], loss_names) if loss_names else None
+
+  hparam_defaults = {h.name: h.default for h in plan.hparams}
+  hparam_dtypes = {h.name: h.dtype for h in plan.hparams}
+
+  def hparam_value(name, value):
+    if value is None:
+      if hparam_defaults[name] is None:
+        raise ValueError(f"argument '{name}' has no default; pass a value")
+      value = hparam_defaults[name]
+    return tf.convert_to_tensor(value, dtype=hparam_dtypes[name])
+
+  def call_impl(images, training, **hparams):
+    images = tf.convert_to_tensor(images, dtype=tf.float32)
+    values = [hparam_value(h.name, hparams[h.name]) for h in plan.hparams]
+    if training and plan.has_train_graph:
+      return train_fn(images, *values)[0]
+    feeds = {plan.images_tensor: images}
+    feeds.update(zip(hparam_feeds, values))
+    return run_inference(feeds)[plan.output_tensor]
+
+  root = MigratedModel()
+  var_list = list(variables.values())
+  root.variables = var_list
+  root.trainable_variables = [v for v in var_list if v.trainable]
+  root.regularization_losses = [
+      tf.function(lambda i=i: losses_fn()[i], input_signature=[])
+      for i in range(len(loss_names))]
+  call = _call_function(call_impl, plan.hparams)
+  root.__call__ = call
+  images_spec = tf.TensorSpec(plan.input_shape, tf.float32)
+  hparam_specs = {h.name: tf.TensorSpec(h.shape, h.dtype) for h in plan.hparams}
+  subsets = [()]
+  if hparam_specs:
+    names = list(hparam_specs)
+    if len(names) <= 3:
+      subsets = [c for r in range(len(names) + 1)
+                 for c in itertools.combinations(names, r)]
+    else:
+      subsets = [(), tuple(names)]
+  for training in (False, True):
+    for subset in subsets:
+      call.get_concrete_function(images_spec, training,
+                                 **{n: hparam_specs[n] for n in subset})
+  root.metadata = _metadata(plan, module, notes)
+
+  signatures = _serving_signatures(module, plan, run_inference)
+  return BuiltModel(root=root, plan=plan, signatures=signatures, notes=notes,
+                    output_dropout_removed=removed, output_dropout_kept=kept,
+                    reference_variables_rewritten=rewritten,
+                    train_output_random=train_random)
+
+
+def _serving_signatures(module: legacy_format.LegacyModule,
+                        plan: plan_lib.MigrationPlan,
+                        run_inference: Callable) -> dict[str, Callable]:
+  """`serving_default` and every TF1 signature of the inference graph."""
+  def make(sig: legacy_format.Signature):
+    specs = {}
+    for key, info in sig.inputs.items():
+      shape = list(info.shape) if info.shape is not None else None
+      if shape and key == plan_lib.IMAGES_INPUT:
+        shape[0] = None
+      specs[key] = tf.TensorSpec(shape, info.dtype, name=key)
+
+    def serve(**inputs):
+      values = run_inference({sig.inputs[k].tensor_name: v
+                              for k, v in inputs.items()})
+      return {k: values[o.tensor_name] for k, o in sig.outputs.items()}
+
+    return tf.function(serve).get_concrete_function(**specs)
+
+  sigs = module.inference.signatures
+  result = {name: make(sig) for name, sig in sigs.items()}
+  result["serving_default"] = result[plan.signature]
+  return result

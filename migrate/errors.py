@@ -1,0 +1,60 @@
+"""Errors a user can cause, each with its documented exit code.
+
+This is the only place exit codes are defined. The CLI catches `MigrationError`
+at its boundary and prints `str(error)` as one line; everything else that
+escapes is a bug (exit code `INTERNAL`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+  """Exit codes of `migrate-hub-module`, documented in the README."""
+
+  OK = 0
+  INTERNAL = 1  # A bug in this tool; the line says where to report it.
+  USAGE = 2  # Wrong command line (absl's usage errors).
+  NOT_FOUND = 3  # SRC does not exist or is not a directory/archive.
+  NOT_A_HUB_MODULE = 4  # SRC is a TF2 SavedModel or a plain TF1 SavedModel.
+  UNSUPPORTED = 5  # A TF1 Hub module we cannot convert (text module, ...).
+  CORRUPT = 6  # A file of SRC is truncated, garbled or inconsistent.
+  OUTPUT = 7  # DST exists, lies inside SRC, or cannot be written.
+  UNSAFE_OPS = 8  # The module's graphs contain ops that reach outside.
+  PARITY = 9  # The converted model does not compute what the module did.
+  BATCH_FAILURES = 10  # A batch finished, but some modules failed.
+
+
+class MigrationError(Exception):
+  """Base class: a failure the user can act on, printed as one line."""
+
+  exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class InputNotFoundError(MigrationError):
+  exit_code = ExitCode.NOT_FOUND
+
+
+class NotAHubModuleError(MigrationError):
+  exit_code = ExitCode.NOT_A_HUB_MODULE
+
+
+class UnsupportedModuleError(MigrationError):
+  exit_code = ExitCode.UNSUPPORTED
+
+
+class CorruptModuleError(MigrationError):
+  exit_code = ExitCode.CORRUPT
+
+
+class OutputError(MigrationError):
+  exit_code = ExitCode.OUTPUT
+
+
+class UnsafeOpsError(MigrationError):
+  exit_code = ExitCode.UNSAFE_OPS
+
+
+class ParityError(MigrationError):
+  exit_code = ExitCode.PARITY

@@ -1,0 +1,392 @@
+"""READ stage: the TF1 Hub format, read directly from disk.
+
+A TF1 Hub module (what `hub.Module(...).export` wrote) is a SavedModel with
+one MetaGraph per tag set (`set()` for inference, `{"train"}` for
+fine-tuning), no saver, a checkpoint under `variables/`, a `tfhub_module.pb`
+holding a `ModuleDef` (format 3), and attached messages (e.g.
+`image_module_info`) in the collection `hub_module_attachments`.
+
+tensorflow_hub >= 0.16 no longer ships the protos for `ModuleDef`,
+`ModuleAttachment` and `ImageModuleInfo`; they are declared here from their
+published `.proto` definitions with the protobuf library.
+
+Nothing here runs a graph: this module only parses and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Mapping, Optional, Sequence
+
+from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pool
+from google.protobuf import message as pb_message
+from google.protobuf import message_factory
+import tensorflow as tf
+from tensorflow.core.framework import variable_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+
+from migrate import errors
+
+MODULE_DEF_FILENAME = "tfhub_module.pb"
+SAVED_MODEL_FILENAME = "saved_model.pb"
+ATTACHMENTS_COLLECTION = "hub_module_attachments"
+IMAGE_MODULE_INFO_KEY = "image_module_info"
+SUPPORTED_MODULE_FORMAT = 3  # ModuleDef.FORMAT_V3, the only one ever published.
+SUPPORTED_REQUIRED_FEATURES: frozenset[str] = frozenset()  # As in hub 0.15.
+
+INFERENCE_TAGS: frozenset[str] = frozenset()
+TRAIN_TAGS: frozenset[str] = frozenset({"train"})
+
+
+def _declare_hub_protos():
+  """Declares ModuleDef, ModuleAttachment and ImageModuleInfo (tensorflow_hub/*.proto)."""
+  fdp = descriptor_pb2.FileDescriptorProto(
+      name="migrate/tf1_hub_protos.proto", package="tensorflow_hub",
+      syntax="proto3")
+  f = descriptor_pb2.FieldDescriptorProto
+  module_def = fdp.message_type.add(name="ModuleDef")
+  fmt_enum = module_def.enum_type.add(name="Format")
+  fmt_enum.value.add(name="FORMAT_UNSPECIFIED", number=0)
+  fmt_enum.value.add(name="FORMAT_V3", number=3)
+  module_def.field.add(name="format", number=1, type=f.TYPE_ENUM,
+                       type_name=".tensorflow_hub.ModuleDef.Format",
+                       label=f.LABEL_OPTIONAL)
+  module_def.field.add(name="required_features", number=2, type=f.TYPE_STRING,
+                       label=f.LABEL_REPEATED)
+  attachment = fdp.message_type.add(name="ModuleAttachment")
+  attachment.field.add(name="key", number=1, type=f.TYPE_STRING,
+                       label=f.LABEL_OPTIONAL)
+  attachment.field.add(name="value", number=2, type=f.TYPE_BYTES,
+                       label=f.LABEL_OPTIONAL)
+  info = fdp.message_type.add(name="ImageModuleInfo")
+  size = info.nested_type.add(name="InputSize")
+  size.field.add(name="height", number=1, type=f.TYPE_INT32,
+                 label=f.LABEL_OPTIONAL)
+  size.field.add(name="width", number=2, type=f.TYPE_INT32,
+                 label=f.LABEL_OPTIONAL)
+  info.field.add(name="default_image_size", number=1, type=f.TYPE_MESSAGE,
+                 type_name=".tensorflow_hub.ImageModuleInfo.InputSize",
+                 label=f.LABEL_OPTIONAL)
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(fdp)
+  get = lambda n: message_factory.GetMessageClass(
+      pool.FindMessageTypeByName("tensorflow_hub." + n))
+  return get("ModuleDef"), get("ModuleAttachment"), get("ImageModuleInfo")
+
+
+ModuleDef, ModuleAttachment, ImageModuleInfo = _declare_hub_protos()
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpecInfo:
+  """One input or output of a signature: its graph tensor and static type."""
+
+  tensor_name: str  # e.g. "module/images:0" without the module scope.
+  dtype: tf.DType
+  shape: Optional[tuple[Optional[int], ...]]  # None: unknown rank.
+
+  @property
+  def rank(self) -> Optional[int]:
+    return None if self.shape is None else len(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  name: str
+  inputs: Mapping[str, TensorSpecInfo]
+  outputs: Mapping[str, TensorSpecInfo]
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableInfo:
+  name: str  # Graph name without ":0", also the checkpoint key.
+  trainable: bool
+  is_resource: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphVariant:
+  """One MetaGraph of the module (one tag set)."""
+
+  tags: frozenset[str]
+  meta_graph: meta_graph_pb2.MetaGraphDef
+  signatures: Mapping[str, Signature]
+  variables: Sequence[VariableInfo]
+  update_ops: Sequence[str]  # Op names of UPDATE_OPS.
+  regularization_losses: Sequence[str]  # Tensor names.
+  asset_files: Mapping[str, str]  # Graph tensor name -> file name in assets/.
+
+  @property
+  def graph_def(self) -> tf.compat.v1.GraphDef:
+    return self.meta_graph.graph_def
+
+
+@dataclasses.dataclass(frozen=True)
+class LegacyModule:
+  """Everything the later stages need to know about a TF1 Hub module."""
+
+  path: str
+  required_features: Sequence[str]
+  variants: Mapping[frozenset[str], GraphVariant]
+  attachments: Mapping[str, bytes]
+  checkpoint_prefix: str
+  saved_model_sha256: str
+
+  @property
+  def inference(self) -> GraphVariant:
+    return self.variants[INFERENCE_TAGS]
+
+  @property
+  def train(self) -> Optional[GraphVariant]:
+    return self.variants.get(TRAIN_TAGS)
+
+  def image_module_info_size(self) -> Optional[tuple[int, int]]:
+    """The default image size attached as `image_module_info`, if any."""
+    raw = self.attachments.get(IMAGE_MODULE_INFO_KEY)
+    if raw is None:
+      return None
+    info = ImageModuleInfo()
+    try:
+      info.ParseFromString(raw)
+    except pb_message.DecodeError as e:
+      raise errors.CorruptModuleError(
+          f"{self.path}: attached message '{IMAGE_MODULE_INFO_KEY}' is not an "
+          f"ImageModuleInfo ({e})") from None
+    if not info.HasField("default_image_size"):
+      return None
+    size = info.default_image_size
+    return (size.height, size.width)
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _read_module_def(path: str) -> ModuleDef:
+  module_def_path = os.path.join(path, MODULE_DEF_FILENAME)
+  module_def = ModuleDef()
+  try:
+    with open(module_def_path, "rb") as f:
+      module_def.ParseFromString(f.read())
+  except (pb_message.DecodeError, ValueError) as e:
+    raise errors.CorruptModuleError(
+        f"{module_def_path}: expected a ModuleDef protocol buffer, found "
+        f"unparsable bytes ({e})") from None
+  if module_def.format != SUPPORTED_MODULE_FORMAT:
+    raise errors.UnsupportedModuleError(
+        f"{module_def_path}: expected ModuleDef format "
+        f"{SUPPORTED_MODULE_FORMAT} (FORMAT_V3), found format "
+        f"{module_def.format}")
+  unknown = sorted(set(module_def.required_features) -
+                   SUPPORTED_REQUIRED_FEATURES)
+  if unknown:
+    raise errors.UnsupportedModuleError(
+        f"{module_def_path}: the module requires features this tool does not "
+        f"know: {', '.join(unknown)}")
+  return module_def
+
+
+def _check_is_hub_module(path: str) -> None:
+  if not os.path.exists(path):
+    raise errors.InputNotFoundError(f"{path}: no such file or directory")
+  if not os.path.isdir(path):
+    raise errors.InputNotFoundError(
+        f"{path}: expected a TF1 Hub module directory, found a file")
+  has_pb = os.path.isfile(os.path.join(path, SAVED_MODEL_FILENAME))
+  has_pbtxt = os.path.isfile(os.path.join(path, "saved_model.pbtxt"))
+  has_module_def = os.path.isfile(os.path.join(path, MODULE_DEF_FILENAME))
+  if not (has_pb or has_pbtxt):
+    if not os.listdir(path):
+      raise errors.NotAHubModuleError(
+          f"{path}: expected a TF1 Hub module, found an empty directory")
+    raise errors.NotAHubModuleError(
+        f"{path}: expected a TF1 Hub module ({SAVED_MODEL_FILENAME} and "
+        f"{MODULE_DEF_FILENAME}), found neither")
+  if not has_module_def:
+    if os.path.isfile(os.path.join(path, "fingerprint.pb")) or _is_tf2(path):
+      raise errors.NotAHubModuleError(
+          f"{path}: expected a TF1 Hub module, found a TF2 SavedModel "
+          f"(already TF2: load it with hub.load or tf.saved_model.load)")
+    raise errors.NotAHubModuleError(
+        f"{path}: expected a TF1 Hub module, found a plain SavedModel without "
+        f"{MODULE_DEF_FILENAME}")
+
+
+def _is_tf2(path: str) -> bool:
+  """True when saved_model.pb carries a TF2 object graph."""
+  try:
+    saved_model = _parse_saved_model(path)
+  except errors.MigrationError:
+    return False
+  return any(mg.HasField("object_graph_def") and mg.object_graph_def.nodes
+             for mg in saved_model.meta_graphs)
+
+
+def _parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
+  pb_path = os.path.join(path, SAVED_MODEL_FILENAME)
+  saved_model = saved_model_pb2.SavedModel()
+  if not os.path.isfile(pb_path):
+    raise errors.UnsupportedModuleError(
+        f"{path}: expected a binary {SAVED_MODEL_FILENAME}, found only a text "
+        f"saved_model.pbtxt")
+  try:
+    with open(pb_path, "rb") as f:
+      saved_model.ParseFromString(f.read())
+  except (pb_message.DecodeError, ValueError, RuntimeError) as e:
+    raise errors.CorruptModuleError(
+        f"{pb_path}: expected a SavedModel protocol buffer, found unparsable "
+        f"bytes ({e})") from None
+  if not saved_model.meta_graphs:
+    raise errors.CorruptModuleError(
+        f"{pb_path}: expected one MetaGraph per tag set, found none")
+  return saved_model
+
+
+def _tensor_info(info: meta_graph_pb2.TensorInfo, where: str) -> TensorSpecInfo:
+  if info.WhichOneof("encoding") != "name":
+    raise errors.UnsupportedModuleError(
+        f"{where}: expected a dense tensor, found a "
+        f"{info.WhichOneof('encoding')} encoding")
+  if info.tensor_shape.unknown_rank:
+    shape = None
+  else:
+    shape = tuple(d.size if d.size >= 0 else None
+                  for d in info.tensor_shape.dim)
+  return TensorSpecInfo(tensor_name=info.name, dtype=tf.as_dtype(info.dtype),
+                        shape=shape)
+
+
+def _signatures(mg: meta_graph_pb2.MetaGraphDef,
+                where: str) -> dict[str, Signature]:
+  result = {}
+  for name, sig in sorted(mg.signature_def.items()):
+    result[name] = Signature(
+        name=name,
+        inputs={k: _tensor_info(v, f"{where} signature '{name}' input '{k}'")
+                for k, v in sorted(sig.inputs.items())},
+        outputs={k: _tensor_info(v, f"{where} signature '{name}' output '{k}'")
+                 for k, v in sorted(sig.outputs.items())})
+  return result
+
+
+def _variables(mg: meta_graph_pb2.MetaGraphDef, where: str) -> list[VariableInfo]:
+  def var_defs(key):
+    coll = mg.collection_def.get(key)
+    if coll is None:
+      return []
+    defs = []
+    for raw in coll.bytes_list.value:
+      vd = variable_pb2.VariableDef()
+      try:
+        vd.ParseFromString(raw)
+      except pb_message.DecodeError:
+        raise errors.CorruptModuleError(
+            f"{where}: collection '{key}' holds an unparsable VariableDef"
+        ) from None
+      defs.append(vd)
+    return defs
+
+  trainable = {vd.variable_name for vd in var_defs("trainable_variables")}
+  result, seen = [], set()
+  for key in ("variables", "model_variables", "trainable_variables"):
+    for vd in var_defs(key):
+      name = vd.variable_name.rsplit(":", 1)[0]
+      if name in seen:
+        continue
+      seen.add(name)
+      result.append(VariableInfo(name=name,
+                                 trainable=vd.variable_name in trainable,
+                                 is_resource=vd.is_resource))
+  return result
+
+
+def _node_list(mg: meta_graph_pb2.MetaGraphDef, key: str) -> list[str]:
+  coll = mg.collection_def.get(key)
+  return list(coll.node_list.value) if coll is not None else []
+
+
+def _attachments(mg: meta_graph_pb2.MetaGraphDef, where: str) -> dict[str, bytes]:
+  result = {}
+  coll = mg.collection_def.get(ATTACHMENTS_COLLECTION)
+  if coll is None:
+    return result
+  for raw in coll.bytes_list.value:
+    att = ModuleAttachment()
+    try:
+      att.ParseFromString(raw)
+    except pb_message.DecodeError:
+      raise errors.CorruptModuleError(
+          f"{where}: collection '{ATTACHMENTS_COLLECTION}' holds an unparsable "
+          f"ModuleAttachment") from None
+    result[att.key] = att.value
+  return result
+
+
+def _asset_files(mg: meta_graph_pb2.MetaGraphDef) -> dict[str, str]:
+  result = {}
+  for asset in mg.asset_file_def:
+    result[asset.tensor_info.name] = asset.filename
+  # Before asset_file_def existed, SavedModels listed assets in a collection.
+  coll = mg.collection_def.get("saved_model_assets")
+  if coll is not None:
+    for raw in coll.any_list.value:
+      asset = meta_graph_pb2.AssetFileDef()
+      raw.Unpack(asset)
+      result[asset.tensor_info.name] = asset.filename
+  return result
+
+
+def read_module(path: str) -> LegacyModule:
+  """Reads and validates a TF1 Hub module directory.
+
+  Raises a `migrate.errors.MigrationError` subclass naming the path, what was
+  expected and what was found, for anything that is not a readable TF1 Hub
+  module.
+  """
+  path = os.fspath(path)
+  _check_is_hub_module(path)
+  module_def = _read_module_def(path)
+  saved_model = _parse_saved_model(path)
+  variants: dict[frozenset[str], GraphVariant] = {}
+  attachments: dict[str, bytes] = {}
+  for mg in saved_model.meta_graphs:
+    tags = frozenset(mg.meta_info_def.tags)
+    where = f"{path} (tags {sorted(tags)})"
+    if tags in variants:
+      raise errors.CorruptModuleError(
+          f"{where}: expected one MetaGraph per tag set, found two")
+    variants[tags] = GraphVariant(
+        tags=tags, meta_graph=mg, signatures=_signatures(mg, where),
+        variables=_variables(mg, where),
+        update_ops=_node_list(mg, tf.compat.v1.GraphKeys.UPDATE_OPS),
+        regularization_losses=_node_list(
+            mg, tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES),
+        asset_files=_asset_files(mg))
+    attachments.update(_attachments(mg, where))
+  if INFERENCE_TAGS not in variants:
+    found = ", ".join(str(sorted(t)) for t in variants)
+    raise errors.UnsupportedModuleError(
+        f"{path}: expected an inference graph (tag set []), found only tag "
+        f"sets {found}")
+  variables_dir = os.path.join(path, "variables")
+  prefix = os.path.join(variables_dir, "variables")
+  if any(v.variables for v in variants.values()):
+    if not os.path.isfile(prefix + ".index"):
+      raise errors.CorruptModuleError(
+          f"{path}: expected a checkpoint at variables/variables.index, found "
+          f"{'no variables/ directory' if not os.path.isdir(variables_dir) else 'none'}")
+  return LegacyModule(
+      path=path,
+      required_features=tuple(module_def.required_features),
+      variants=variants,
+      attachments=attachments,
+      checkpoint_prefix=prefix,
+      saved_model_sha256=file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)))
