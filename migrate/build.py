@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
@@ -116,6 +117,20 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   return variables
 
 
+def _assets(module: legacy_format.LegacyModule) -> dict[str, tf.saved_model.Asset]:
+  """One tf.saved_model.Asset per asset file: saving copies it, loading rewires it."""
+  result = {}
+  for variant in module.variants.values():
+    for filename in variant.asset_files.values():
+      path = os.path.join(module.path, "assets", filename)
+      if not os.path.isfile(path):
+        raise errors.CorruptModuleError(
+            f"{path}: expected the asset file '{filename}' that the graph "
+            f"refers to, found none")
+      result.setdefault(filename, tf.saved_model.Asset(path))
+  return result
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:300] if text else type(error).__name__
@@ -124,7 +139,8 @@ def _first_line(error: BaseException) -> str:
 class _ImportedGraph:
   """One MetaGraph imported over the shared variables."""
 
-  def __init__(self, graph_def, variables: Mapping[str, tf.Variable], where: str):
+  def __init__(self, graph_def, variables: Mapping[str, tf.Variable], where: str,
+               asset_paths: Mapping[str, tf.Tensor]):
     self.where = where
     handles = [n.name for n in graph_def.node
                if n.op in graph_rewrite.RESOURCE_VARIABLE_OPS]
@@ -133,6 +149,8 @@ class _ImportedGraph:
       graph = tf.compat.v1.get_default_graph()
       input_map = {f"{name}:0": graph.capture(variables[name].handle)
                    for name in handles if name in variables}
+      input_map.update({name: graph.capture(path)
+                        for name, path in asset_paths.items()})
       tf.compat.v1.import_graph_def(graph_def, input_map=input_map, name="")
 
     try:
@@ -179,7 +197,9 @@ def _feed_defaults(graph_def, feeds: Sequence[str]) -> dict[str, tf.Tensor]:
 
 
 def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
-              notes: Sequence[str]) -> Metadata:
+              notes: Sequence[str],
+              removed: Optional[graph_rewrite.DropoutMatch],
+              train_output: str) -> Metadata:
   meta = Metadata()
   const = lambda v, dtype: tf.Variable(v, dtype=dtype, trainable=False)
   size = plan.default_image_size or (0, 0)
@@ -196,6 +216,10 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
   meta.source_sha256 = const(module.saved_model_sha256, tf.string)
   meta.tool_version = const(TOOL_VERSION, tf.string)
   meta.has_train_graph = const(plan.has_train_graph, tf.bool)
+  meta.hparams = const(",".join(h.name for h in plan.hparams), tf.string)
+  meta.output_dropout_removed = const(removed.output_node if removed else "",
+                                      tf.string)
+  meta.train_output_tensor = const(train_output, tf.string)
   meta.notes = const("\n".join(notes), tf.string)
   return meta
 
@@ -273,9 +297,13 @@ def build(module: legacy_format.LegacyModule,
     notes.append("The module has no train graph: training=True computes the "
                  "same as inference and updates nothing.")
 
+  assets = _assets(module)
   for tags, graph_def in graph_defs.items():
+    asset_paths = {tensor: assets[filename].asset_path for tensor, filename
+                   in module.variants[tags].asset_files.items()}
     imported[tags] = _ImportedGraph(graph_def, variables,
-                                    f"{module.path} (tags {sorted(tags)})")
+                                    f"{module.path} (tags {sorted(tags)})",
+                                    asset_paths)
 
   # Inference: one pruned function computing every signature's outputs.
   infer_graph = imported[legacy_format.INFERENCE_TAGS]
@@ -331,6 +359,7 @@ def build(module: legacy_format.LegacyModule,
     return run_inference(feeds)[plan.output_tensor]
 
   root = MigratedModel()
+  root.assets = list(assets.values())
   var_list = list(variables.values())
   root.variables = var_list
   root.trainable_variables = [v for v in var_list if v.trainable]
@@ -353,7 +382,7 @@ def build(module: legacy_format.LegacyModule,
     for subset in subsets:
       call.get_concrete_function(images_spec, training,
                                  **{n: hparam_specs[n] for n in subset})
-  root.metadata = _metadata(plan, module, notes)
+  root.metadata = _metadata(plan, module, notes, removed, train_output)
 
   signatures = _serving_signatures(module, plan, run_inference)
   return BuiltModel(root=root, plan=plan, signatures=signatures, notes=notes,

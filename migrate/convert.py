@@ -1,0 +1,130 @@
+"""The public API: convert one TF1 Hub image module, verified, atomically.
+
+    result = convert("old_module/", "new_savedmodel/")
+
+chains the stages READ (legacy_format) -> SCAN (safety) -> PLAN (plan) ->
+REWRITE/BUILD (graph_rewrite, build) -> EXPORT (export, into a temporary
+directory) -> VERIFY (verify) -> commit (rename into place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Optional, Sequence
+
+from migrate import build as build_lib
+from migrate import errors
+from migrate import export
+from migrate import legacy_format
+from migrate import plan as plan_lib
+from migrate import safety
+
+FAILED_SUFFIX = ".failed-parity"
+
+
+@dataclasses.dataclass
+class ConversionResult:
+  """What `convert` did; `parity` is None when verification was skipped."""
+
+  src: str
+  dst: str
+  signature: str
+  output_key: str
+  kind: str
+  input_shape: tuple
+  output_width: Optional[int]
+  default_image_size: Optional[tuple[int, int]]
+  hparams: Sequence[str]
+  num_variables: int
+  num_trainable_variables: int
+  num_regularization_losses: int
+  has_train_graph: bool
+  notes: Sequence[str]
+  input_bytes: int
+  output_bytes: int
+  seconds: dict[str, float]
+  parity: Optional[object] = None  # verify.ParityReport
+  kept_aside: Optional[str] = None
+
+  @property
+  def verified(self) -> bool:
+    return self.parity is not None and self.parity.passed
+
+  @property
+  def size_ratio(self) -> float:
+    return self.output_bytes / max(self.input_bytes, 1)
+
+
+def convert(src: str, dst: str, *,
+            signature: Optional[str] = None,
+            output_key: Optional[str] = None,
+            overwrite: bool = False,
+            keep_output_dropout: bool = False,
+            verify: bool = True,
+            keep_failed: bool = False,
+            allow_unsafe_ops: bool = False) -> ConversionResult:
+  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`.
+
+  Raises a `migrate.errors.MigrationError` subclass for anything the user can
+  fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
+  parity is kept at `dst + ".failed-parity"`) and `src` is unchanged.
+  """
+  seconds: dict[str, float] = {}
+  clock = time.perf_counter()
+
+  def lap(stage: str) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    seconds[stage] = now - clock
+    clock = now
+
+  module = legacy_format.read_module(src)
+  export.check_destination(src, dst, overwrite=overwrite)
+  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
+  plan = plan_lib.make_plan(module, signature=signature, output_key=output_key,
+                            remove_output_dropout=not keep_output_dropout)
+  lap("read")
+  built = build_lib.build(module, plan)
+  lap("build")
+  staged = export.stage(built, dst)
+  lap("export")
+  try:
+    report = None
+    kept = None
+    if verify:
+      from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
+      report = verify_lib.verify(src, staged.path)
+      lap("verify")
+      if not report.passed:
+        if keep_failed:
+          kept = staged.keep_aside(FAILED_SUFFIX)
+        else:
+          staged.discard()
+        where = f"; the failing model was kept at {kept}" if kept else ""
+        raise errors.ParityError(
+            f"{src}: the converted model does not compute what the TF1 module "
+            f"did: {report.first_failure}{where}")
+    staged.write_model_card(export.model_card(
+        built, src, module.saved_model_sha256,
+        report.summary() if report is not None else None))
+    output_bytes = export.directory_size(staged.path)
+    staged.commit(overwrite=overwrite)
+    lap("commit")
+  except BaseException:
+    staged.discard()
+    raise
+  root = built.root
+  return ConversionResult(
+      src=src, dst=dst, signature=plan.signature, output_key=plan.output_key,
+      kind=plan.kind, input_shape=plan.input_shape,
+      output_width=plan.output_width,
+      default_image_size=plan.default_image_size,
+      hparams=[h.name for h in plan.hparams],
+      num_variables=len(root.variables),
+      num_trainable_variables=len(root.trainable_variables),
+      num_regularization_losses=len(root.regularization_losses),
+      has_train_graph=plan.has_train_graph, notes=list(built.notes),
+      input_bytes=export.directory_size(src), output_bytes=output_bytes,
+      seconds=seconds, parity=report, kept_aside=kept)
