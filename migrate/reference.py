@@ -1,0 +1,426 @@
+"""The "before" side of parity checks: a TF1 Hub module run in graph mode.
+
+Each MetaGraph of the module is imported once into its own
+`tf.compat.v1.Graph` with a `Session` that stays open across calls. The
+module has no saver: every variable node (VarHandleOp or VariableV2) gets an
+assign op fed from the values read with `tf.train.load_checkpoint`, so
+`reset()` puts the module's own values back at any time.
+
+This module deliberately shares no code with `migrate.build`: a bug in how the
+converter builds its functions must not be able to hide itself here. It only
+uses `legacy_format` (parsing) and `graph_rewrite.find_output_dropout` (to
+locate the dropout whose input the converter outputs instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from migrate import errors
+from migrate import graph_rewrite
+from migrate import legacy_format
+
+_VARIABLE_OPS = frozenset({"VarHandleOp", "VariableV2", "Variable"})
+_TABLE_INIT_OPS = frozenset({
+    "InitializeTable", "InitializeTableV2", "InitializeTableFromTextFile",
+    "InitializeTableFromTextFileV2"})
+RANDOM_OPS = graph_rewrite.RANDOM_OPS
+# Ops that only reshape or rename a tensor (see graph_rewrite._PASS_THROUGH_OPS).
+_RESHAPE_ONLY_OPS = frozenset({"Identity", "Squeeze", "Reshape"})
+
+
+@dataclasses.dataclass
+class TrainStepResult:
+  """What one training step of the TF1 train graph computed.
+
+  Everything except `moving_after` comes from a single `session.run` taken
+  before any update; `moving_after` is read after running the update ops once
+  with the same feeds (random ops included).
+  """
+
+  output: np.ndarray  # The trained output (the dropout's input if bypassed).
+  output_tensor: str  # Graph tensor that `output` was read from.
+  random_values: dict[str, np.ndarray]  # Random op name -> the value fed.
+  variables_before: dict[str, np.ndarray]  # Every variable, before the step.
+  variables_after: dict[str, np.ndarray]  # Every variable, after the updates.
+  update_ops: list[str]  # The update ops run (UPDATE_OPS reachable from the feeds).
+  regularization_losses: list[float]  # Each REGULARIZATION_LOSSES tensor.
+  regularization_total: float
+  gradients: dict[str, np.ndarray]  # Trainable variable -> d(sum(out*probe))/dvar.
+  probe: np.ndarray
+
+  @property
+  def grad_norms(self) -> dict[str, float]:
+    return {k: float(np.linalg.norm(v.astype(np.float64)))
+            for k, v in self.gradients.items()}
+
+
+def _op_name(tensor_name: str) -> str:
+  return tensor_name.lstrip("^").split(":")[0]
+
+
+def _tensor_name(name: str) -> str:
+  return name if ":" in name else name + ":0"
+
+
+class _GraphSession:
+  """One MetaGraph imported into its own Graph, with an open Session."""
+
+  def __init__(self, module: legacy_format.LegacyModule,
+               variant: legacy_format.GraphVariant,
+               checkpoint: Mapping[str, np.ndarray]):
+    self.variant = variant
+    self.graph = tf.compat.v1.Graph()
+    where = f"{module.path} (tags {sorted(variant.tags)})"
+    with self.graph.as_default():
+      input_map = {}
+      for tensor, filename in variant.asset_files.items():
+        path = os.path.join(module.path, "assets", filename)
+        input_map[tensor] = tf.constant(path, name="reference_asset")
+      try:
+        tf.compat.v1.import_graph_def(variant.graph_def, input_map=input_map,
+                                      name="")
+      except (ValueError, TypeError, KeyError) as e:
+        raise errors.CorruptModuleError(
+            f"{where}: expected an importable graph, found "
+            f"{type(e).__name__}: {e}") from None
+      self.var_ops = {op.name: op for op in self.graph.get_operations()
+                      if op.type in _VARIABLE_OPS}
+      trainable = {v.name for v in variant.variables if v.trainable}
+      self.trainable = [n for n in self.var_ops if n in trainable]
+      self._placeholders, assigns, self.reads = {}, [], {}
+      with tf.name_scope("reference_restore"):
+        for name, op in self.var_ops.items():
+          if name not in checkpoint:
+            raise errors.CorruptModuleError(
+                f"{where}: variable '{name}' has no value in the checkpoint "
+                f"{module.checkpoint_prefix}")
+          dtype = tf.as_dtype(op.get_attr("dtype"))
+          ph = tf.compat.v1.placeholder(dtype, checkpoint[name].shape)
+          self._placeholders[name] = ph
+          if op.type == "VarHandleOp":
+            assigns.append(tf.raw_ops.AssignVariableOp(
+                resource=op.outputs[0], value=ph))
+            self.reads[name] = tf.raw_ops.ReadVariableOp(
+                resource=op.outputs[0], dtype=dtype)
+          else:
+            assigns.append(tf.compat.v1.assign(op.outputs[0], ph,
+                                               validate_shape=True))
+            self.reads[name] = tf.identity(op.outputs[0])
+        self._restore = tf.group(*assigns)
+      self._table_inits = [op for op in self.graph.get_operations()
+                           if op.type in _TABLE_INIT_OPS]
+    self._checkpoint = {n: checkpoint[n] for n in self.var_ops}
+    self.session = tf.compat.v1.Session(graph=self.graph)
+    self.reset()
+    if self._table_inits:
+      self.session.run(self._table_inits)
+    self._grad_cache: dict[tuple, tuple] = {}
+    self._reg_total = None
+
+  def reset(self) -> None:
+    """Puts the module's own (checkpoint) values back into every variable."""
+    self.session.run(self._restore,
+                     {self._placeholders[n]: v for n, v in self._checkpoint.items()})
+
+  def read_variables(self, names: Optional[Iterable[str]] = None
+                     ) -> dict[str, np.ndarray]:
+    names = list(self.reads) if names is None else list(names)
+    return self.session.run({n: self.reads[n] for n in names})
+
+  def tensor(self, name: str) -> tf.Tensor:
+    return self.graph.get_tensor_by_name(_tensor_name(name))
+
+  def ancestors(self, roots: Sequence[tf.Operation]) -> set[tf.Operation]:
+    seen, todo = set(roots), list(roots)
+    while todo:
+      op = todo.pop()
+      for dep in [t.op for t in op.inputs] + list(op.control_inputs):
+        if dep not in seen:
+          seen.add(dep)
+          todo.append(dep)
+    return seen
+
+  def random_ops(self, roots: Sequence[tf.Operation]) -> list[tf.Operation]:
+    return sorted((op for op in self.ancestors(roots) if op.type in RANDOM_OPS),
+                  key=lambda op: op.name)
+
+  def regularization(self) -> tuple[list[tf.Tensor], tf.Tensor]:
+    if self._reg_total is None:
+      losses = [self.tensor(n) for n in self.variant.regularization_losses]
+      with self.graph.as_default(), tf.name_scope("reference_regularization"):
+        total = (tf.add_n([tf.cast(l, tf.float32) for l in losses])
+                 if losses else tf.constant(0.0))
+      self._reg_total = (losses, total)
+    return self._reg_total
+
+  def gradients(self, target: tf.Tensor, reshape_probe: bool
+                ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """(probe placeholder, trainable variable -> gradient of sum(target*probe))."""
+    key = (target.name, reshape_probe)
+    if key not in self._grad_cache:
+      with self.graph.as_default(), tf.name_scope("reference_gradients"):
+        probe = tf.compat.v1.placeholder(tf.float32, None, name="probe")
+        p = tf.reshape(probe, tf.shape(target)) if reshape_probe else probe
+        loss = tf.reduce_sum(tf.cast(target, tf.float32) * p)
+        names = self.trainable
+        grads = tf.gradients(loss, [self.var_ops[n].outputs[0] for n in names])
+        result = {}
+        for name, grad in zip(names, grads):
+          if grad is None:
+            continue
+          if isinstance(grad, tf.IndexedSlices):
+            grad = tf.convert_to_tensor(grad)
+          result[name] = grad
+      self._grad_cache[key] = (probe, result)
+    return self._grad_cache[key]
+
+  def close(self) -> None:
+    self.session.close()
+
+
+def _random_values(ops: Sequence[tf.Operation], drawn: Mapping[str, np.ndarray],
+                   rng: np.random.RandomState) -> dict[str, np.ndarray]:
+  """Seeded values with the distribution (and shape) of each random op."""
+  result = {}
+  for op in ops:
+    shape = drawn[op.name].shape
+    dtype = drawn[op.name].dtype
+    if op.type == "RandomUniform":
+      value = rng.uniform(0.0, 1.0, shape)
+    elif op.type == "RandomStandardNormal":
+      value = rng.standard_normal(shape)
+    elif op.type == "TruncatedNormal":
+      value = rng.standard_normal(shape)
+      bad = np.abs(value) > 2.0
+      while bad.any():
+        value[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(value) > 2.0
+    else:  # Another distribution: keep TF's own draw, fed to both sides.
+      value = drawn[op.name]
+    result[op.name] = np.asarray(value).astype(dtype)
+  return result
+
+
+class ReferenceModule:
+  """Runs a TF1 Hub module as TF1 did: graph mode, a Session per tag set."""
+
+  def __init__(self, module_path: str, *,
+               module: Optional[legacy_format.LegacyModule] = None):
+    self.module = module or legacy_format.read_module(module_path)
+    try:
+      reader = tf.train.load_checkpoint(self.module.checkpoint_prefix)
+      names = reader.get_variable_to_shape_map()
+      self._checkpoint = {n: reader.get_tensor(n) for n in names}
+    except (tf.errors.OpError, ValueError) as e:
+      if any(v.variables for v in self.module.variants.values()):
+        raise errors.CorruptModuleError(
+            f"{self.module.checkpoint_prefix}: expected a readable checkpoint, "
+            f"found {type(e).__name__}") from None
+      self._checkpoint = {}
+    self._sessions: dict[frozenset[str], _GraphSession] = {}
+
+  # -- graphs --------------------------------------------------------------
+
+  @property
+  def has_train_graph(self) -> bool:
+    return self.module.train is not None
+
+  def graph(self, tags: frozenset[str]) -> _GraphSession:
+    """The imported graph and session of one tag set (imported once)."""
+    tags = frozenset(tags)
+    if tags not in self._sessions:
+      self._sessions[tags] = _GraphSession(
+          self.module, self.module.variants[tags], self._checkpoint)
+    return self._sessions[tags]
+
+  def train_tags(self) -> frozenset[str]:
+    """The train graph's tags, or the inference graph's if there is none."""
+    return (legacy_format.TRAIN_TAGS if self.has_train_graph
+            else legacy_format.INFERENCE_TAGS)
+
+  def signatures(self, tags: frozenset[str] = legacy_format.INFERENCE_TAGS
+                 ) -> Mapping[str, legacy_format.Signature]:
+    return self.module.variants[frozenset(tags)].signatures
+
+  def checkpoint_values(self) -> dict[str, np.ndarray]:
+    return dict(self._checkpoint)
+
+  def reset(self) -> None:
+    for session in self._sessions.values():
+      session.reset()
+
+  def close(self) -> None:
+    for session in self._sessions.values():
+      session.close()
+    self._sessions.clear()
+
+  def __enter__(self) -> "ReferenceModule":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- running ---------------------------------------------------------------
+
+  def _feed(self, g: _GraphSession, sig: legacy_format.Signature,
+            inputs: Mapping[str, np.ndarray]) -> dict[tf.Tensor, np.ndarray]:
+    unknown = sorted(set(inputs) - set(sig.inputs))
+    if unknown:
+      raise KeyError(f"signature '{sig.name}' has no inputs {unknown}")
+    return {g.tensor(sig.inputs[k].tensor_name): np.asarray(v)
+            for k, v in inputs.items()}
+
+  def infer(self, signature: str, inputs: Mapping[str, np.ndarray], *,
+            tags: frozenset[str] = legacy_format.INFERENCE_TAGS
+            ) -> dict[str, np.ndarray]:
+    """Every output of `signature` (inputs left out use their defaults)."""
+    g = self.graph(tags)
+    sig = g.variant.signatures[signature]
+    fetches = {k: g.tensor(o.tensor_name) for k, o in sig.outputs.items()}
+    return g.session.run(fetches, self._feed(g, sig, inputs))
+
+  def infer_tensors(self, fetches: Mapping[str, str],
+                    feeds: Mapping[str, np.ndarray], *,
+                    tags: frozenset[str] = legacy_format.INFERENCE_TAGS
+                    ) -> dict[str, np.ndarray]:
+    """Any graph tensors by name, with feeds by graph tensor name."""
+    g = self.graph(tags)
+    return g.session.run({k: g.tensor(t) for k, t in fetches.items()},
+                         {g.tensor(t): v for t, v in feeds.items()})
+
+  def regularization_losses(self, tags: Optional[frozenset[str]] = None
+                            ) -> tuple[list[float], float]:
+    """Each REGULARIZATION_LOSSES value and their total (TF1's add_n)."""
+    g = self.graph(self.train_tags() if tags is None else tags)
+    losses, total = g.regularization()
+    values, total_value = g.session.run((losses, total))
+    return [float(v) for v in values], float(total_value)
+
+  def output_dropout(self, signature: str, output_key: str
+                     ) -> Optional[graph_rewrite.DropoutMatch]:
+    """The dropout the train graph applies last to an output, if any."""
+    if not self.has_train_graph:
+      return None
+    train = self.module.train
+    tensor = train.signatures[signature].outputs[output_key].tensor_name
+    return graph_rewrite.find_output_dropout(train.graph_def, tensor)
+
+  def train_random_ops(self, signature: str, output_key: str, *,
+                       bypass_output_dropout: bool = False) -> list[str]:
+    """Random ops the training output (or its updates) depends on."""
+    g = self.graph(self.train_tags())
+    target, _ = self._train_target(g, signature, output_key,
+                                   bypass_output_dropout)
+    roots = [target.op] + [g.graph.get_operation_by_name(n)
+                           for n in self._update_ops(g, signature)]
+    return [op.name for op in g.random_ops(roots)]
+
+  def _train_target(self, g: _GraphSession, signature: str, output_key: str,
+                    bypass: bool) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
+    """(tensor to differentiate, the output tensor whose shape to restore)."""
+    sig = g.variant.signatures[signature]
+    out = g.tensor(sig.outputs[output_key].tensor_name)
+    if not bypass:
+      return out, None
+    match = graph_rewrite.find_output_dropout(g.variant.graph_def, out.name)
+    if match is None:
+      raise ValueError(f"the train output '{signature}/{output_key}' passes "
+                       f"through no output dropout")
+    for name in match.pass_through:
+      if g.graph.get_operation_by_name(name).type not in _RESHAPE_ONLY_OPS:
+        raise ValueError(f"cannot bypass the output dropout through '{name}'")
+    return g.tensor(match.input_tensor), out
+
+  def _update_ops(self, g: _GraphSession, signature: str) -> list[str]:
+    """UPDATE_OPS that the signature's inputs can run (all others need feeds)."""
+    sig = g.variant.signatures[signature]
+    fed = {_op_name(i.tensor_name) for i in sig.inputs.values()}
+    result = []
+    for name in g.variant.update_ops:
+      op = g.graph.get_operation_by_name(name)
+      needs = {a.name for a in g.ancestors([op]) if a.type == "Placeholder"}
+      if needs <= fed:
+        result.append(name)
+    return result
+
+  @staticmethod
+  def _output_shape(value: np.ndarray, shaped_like: Optional[tf.Tensor]
+                    ) -> tuple[int, ...]:
+    """The shape of the output whose dropout input `value` is (reshape-only path)."""
+    if shaped_like is None:
+      return value.shape
+    dims = shaped_like.shape
+    if dims.rank is not None and all(d is not None for d in dims[1:]):
+      return (value.shape[0], *dims.as_list()[1:])
+    return (value.shape[0], int(np.prod(value.shape[1:])))
+
+  def train_step(self, signature: str, output_key: str, images: np.ndarray,
+                 hparams: Optional[Mapping[str, float]] = None, *,
+                 random_feeds: Optional[Mapping[str, np.ndarray]] = None,
+                 probe: Optional[np.ndarray] = None,
+                 bypass_output_dropout: bool = False,
+                 seed: int = 0) -> TrainStepResult:
+    """One training step of the train graph (the inference graph if none).
+
+    Runs, in one `session.run`, the output of `signature/output_key` (or the
+    input of its output dropout, reshaped like the output, with
+    `bypass_output_dropout`), the regularization losses and the gradients of
+    `sum(output * probe)`; then the update ops once with the same feeds; then
+    reads the variables. Random ops are fed: with `random_feeds` (op name ->
+    value) or with seeded values of their distribution. The variables are
+    restored to the module's values before the step and left updated after
+    it (call `reset()`).
+    """
+    g = self.graph(self.train_tags())
+    g.reset()
+    sig = g.variant.signatures[signature]
+    inputs = {"images": images, **(hparams or {})}
+    feed = self._feed(g, sig, inputs)
+    target, shaped_like = self._train_target(g, signature, output_key,
+                                             bypass_output_dropout)
+    updates = [g.graph.get_operation_by_name(n)
+               for n in self._update_ops(g, signature)]
+    probe_ph, grads = g.gradients(target, reshape_probe=shaped_like is not None)
+    losses, total = g.regularization()
+    randoms = g.random_ops([target.op] + updates +
+                           [t.op for t in grads.values()])
+    if randoms:
+      if random_feeds is None:
+        drawn = g.session.run({op.name: op.outputs[0] for op in randoms}, feed)
+        random_values = _random_values(randoms, drawn,
+                                       np.random.RandomState(seed))
+      else:
+        missing = [op.name for op in randoms if op.name not in random_feeds]
+        if missing:
+          raise KeyError(f"no values given for the random ops {missing}")
+        random_values = {op.name: np.asarray(random_feeds[op.name])
+                         for op in randoms}
+      for op in randoms:
+        feed[op.outputs[0]] = random_values[op.name]
+    else:
+      random_values = {}
+    before = g.read_variables()
+    if probe is None:
+      shape = self._output_shape(g.session.run(target, feed), shaped_like)
+      probe = np.random.RandomState(seed + 1).standard_normal(shape).astype(
+          np.float32)
+    feed[probe_ph] = probe
+    res = g.session.run({"target": target, "losses": losses, "total": total,
+                         "grads": grads}, feed)
+    if updates:
+      g.session.run(updates, feed)
+    after = g.read_variables()
+    output = res["target"].reshape(self._output_shape(res["target"], shaped_like))
+    return TrainStepResult(
+        output=output, output_tensor=target.name,
+        random_values=random_values, variables_before=before,
+        variables_after=after, update_ops=[u.name for u in updates],
+        regularization_losses=[float(v) for v in res["losses"]],
+        regularization_total=float(res["total"]),
+        gradients=res["grads"], probe=probe)

@@ -1,0 +1,62 @@
+"""The one tolerance table of the parity checks (tests and `verify` alike).
+
+A value passes when `|actual - expected| <= atol * scale + rtol * |expected|`
+elementwise (`scale` is 1 unless an entry's reason says otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+  rtol: float
+  atol: float
+  reason: str
+
+
+TOLERANCES: Mapping[str, Tolerance] = {
+    "inference": Tolerance(
+        1e-5, 1e-5, "same graph, same kernels, same process (CPU): only "
+        "grappler/oneDNN fusion differences between Session and tf.function"),
+    "training_output": Tolerance(
+        1e-5, 1e-5, "same kernels; batch statistics in training mode add one "
+        "reduction whose order may differ"),
+    "moving_averages": Tolerance(
+        1e-5, 1e-6, "one update step: old*(1-m) + batch_stat*m; tiny updates"),
+    "regularization": Tolerance(
+        1e-5, 1e-7, "a sum of a few l2 losses; summation order may differ"),
+    "gradients": Tolerance(
+        1e-3, 1e-4, "backprop reduction order differs; atol is relative to the "
+        "largest gradient entry (scale), since gradients that are zero in exact "
+        "arithmetic (biases before batch norm) are only numerically small"),
+    "gradient_norms": Tolerance(
+        1e-4, 1e-5, "L2 norms of the gradients; atol relative to the largest "
+        "norm (scale), for the same reason as 'gradients'"),
+    "top_k": Tolerance(
+        0.0, 1e-5, "identical top-k indices, except where the reference's "
+        "k-th and (k+1)-th scores tie within this atol"),
+    "golden_inference": Tolerance(
+        1e-4, 1e-4, "goldens were recorded by hub.Module on TF 2.15 without "
+        "oneDNN; TF 2.21 kernels (oneDNN on) differ in rounding"),
+    "golden_training": Tolerance(
+        1e-4, 1e-4, "as golden_inference, with batch statistics"),
+    "golden_moving_averages": Tolerance(
+        1e-4, 1e-5, "as golden_inference, one moving-average update"),
+    "golden_regularization": Tolerance(
+        1e-5, 1e-6, "a sum of l2 losses of the same weights"),
+    "golden_gradient_norms": Tolerance(
+        1e-3, 1e-4, "as golden_inference, through backprop; atol relative to the "
+        "largest norm (scale)"),
+}
+
+
+def get(name: str) -> Tolerance:
+  """The entry `name`; a KeyError names the known entries."""
+  try:
+    return TOLERANCES[name]
+  except KeyError:
+    raise KeyError(f"no tolerance '{name}' (known: "
+                   f"{', '.join(sorted(TOLERANCES))})") from None
