@@ -224,6 +224,11 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
   return meta
 
 
+def _zero_arg_loss(pruned: Callable) -> Callable:
+  # A closure, not a default argument: defaults break tf.saved_model.save.
+  return tf.function(lambda: pruned()[0], input_signature=[])
+
+
 def _call_function(call_impl: Callable, hparams: Sequence[plan_lib.HParam]):
   """A tf.function `(images, training=False, <hparam>=None, ...)`."""
   params = [inspect.Parameter("images", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -337,7 +342,9 @@ def build(module: legacy_format.LegacyModule,
   loss_variant = module.train or module.inference
   loss_graph = imported[loss_variant.tags]
   loss_names = list(loss_variant.regularization_losses)
-  losses_fn = loss_graph.prune([], loss_names) if loss_names else None
+  # One pruned function per loss: each captures only its own variables (a
+  # shared function would make every wrapper capture all of them).
+  loss_fns = [loss_graph.prune([], [name]) for name in loss_names]
 
   hparam_defaults = {h.name: h.default for h in plan.hparams}
   hparam_dtypes = {h.name: h.dtype for h in plan.hparams}
@@ -363,9 +370,7 @@ def build(module: legacy_format.LegacyModule,
   var_list = list(variables.values())
   root.variables = var_list
   root.trainable_variables = [v for v in var_list if v.trainable]
-  root.regularization_losses = [
-      tf.function(lambda i=i: losses_fn()[i], input_signature=[])
-      for i in range(len(loss_names))]
+  root.regularization_losses = [_zero_arg_loss(fn) for fn in loss_fns]
   call = _call_function(call_impl, plan.hparams)
   root.__call__ = call
   images_spec = tf.TensorSpec(plan.input_shape, tf.float32)
