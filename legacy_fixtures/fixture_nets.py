@@ -249,3 +249,57 @@ def small_convnet(images, num_classes, is_training, depths=(8, 16, 16), weight_d
                                       weights_regularizer=slim.l2_regularizer(weight_decay),
                                       scope="logits")
     return logits, net
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated slim Inception nets (keep the committed corpus small)
+# ---------------------------------------------------------------------------------------------
+def _inception_top(net, num_classes, is_training, dropout_keep_prob, default_kernel,
+                   reduced_kernel_fn, end_points):
+    """The 'Logits' block exactly as slim's inception_v2/v3 build it (AvgPool_1a, Dropout_1b,
+    PreLogits = dropout output, Conv2d_1c_1x1, SpatialSqueeze)."""
+    with tf1.variable_scope("Logits"):
+        kernel_size = reduced_kernel_fn(net, default_kernel)
+        net = slim.avg_pool2d(net, kernel_size, padding="VALID",
+                              scope="AvgPool_1a_{}x{}".format(*kernel_size))
+        end_points["AvgPool_1a"] = net
+        net = slim.dropout(net, keep_prob=dropout_keep_prob, is_training=is_training,
+                           scope="Dropout_1b")
+        end_points["PreLogits"] = net
+        logits = slim.conv2d(net, num_classes, [1, 1], activation_fn=None, normalizer_fn=None,
+                             scope="Conv2d_1c_1x1")
+        logits = tf.squeeze(logits, [1, 2], name="SpatialSqueeze")
+    end_points["Logits"] = logits
+    return logits
+
+
+def inception_v2_truncated(images, num_classes, is_training, final_endpoint="Mixed_4a",
+                           depth_multiplier=0.1, min_depth=4, dropout_keep_prob=0.8,
+                           scope="InceptionV2"):
+    """slim inception_v2 with the base cut at `final_endpoint` (slim's own final_endpoint arg)
+    and slim's Logits block on top."""
+    from tf_slim.nets import inception_v2 as slim_v2
+    with tf1.variable_scope(scope, "InceptionV2", [images]) as sc:
+        with slim.arg_scope([slim.batch_norm, slim.dropout], is_training=is_training):
+            net, end_points = slim_v2.inception_v2_base(
+                images, final_endpoint=final_endpoint, min_depth=min_depth,
+                depth_multiplier=depth_multiplier, scope=sc)
+            logits = _inception_top(net, num_classes, is_training, dropout_keep_prob, [7, 7],
+                                    slim_v2._reduced_kernel_size_for_small_input, end_points)
+    return logits, end_points
+
+
+def inception_v3_truncated(images, num_classes, is_training, final_endpoint="Mixed_6b",
+                           depth_multiplier=0.1, min_depth=4, dropout_keep_prob=0.8,
+                           scope="InceptionV3"):
+    """slim inception_v3 (no aux logits) with the base cut at `final_endpoint` and slim's Logits
+    block on top: PreLogits comes AFTER Dropout_1b, as in slim."""
+    from tf_slim.nets import inception_v3 as slim_v3
+    with tf1.variable_scope(scope, "InceptionV3", [images]) as sc:
+        with slim.arg_scope([slim.batch_norm, slim.dropout], is_training=is_training):
+            net, end_points = slim_v3.inception_v3_base(
+                images, final_endpoint=final_endpoint, min_depth=min_depth,
+                depth_multiplier=depth_multiplier, scope=sc)
+            logits = _inception_top(net, num_classes, is_training, dropout_keep_prob, [8, 8],
+                                    slim_v3._reduced_kernel_size_for_small_input, end_points)
+    return logits, end_points

@@ -95,6 +95,8 @@ class Case:
         return any(tags == {"train"} for tags, _ in self.tags_and_args)
 
     def batches(self):
+        if self.image_size is None:
+            return []
         sizes = [self.image_size] + list(self.extra_sizes)
         return [(b, h, w) for (h, w) in sizes for b in (1, 4)]
 
@@ -178,9 +180,9 @@ def build_mobilenet_v1_bn_hparams(case, is_training):
 def build_inception_v2_tiny(case, is_training):
     images = _image_placeholder(case)
     with slim.arg_scope(inception_v2.inception_v2_arg_scope(weight_decay=4e-5)):
-        logits, end_points = inception_v2.inception_v2(
-            images, num_classes=10, is_training=is_training, dropout_keep_prob=0.8,
-            min_depth=4, depth_multiplier=0.1, scope="InceptionV2")
+        # slim inception_v2, base cut after Mixed_4a to keep the committed graph small.
+        logits, end_points = fixture_nets.inception_v2_truncated(
+            images, num_classes=10, is_training=is_training, final_endpoint="Mixed_4a")
     features = tf.squeeze(end_points["AvgPool_1a"], [1, 2], name="feature_vector")
     _standard_signatures(images, features, logits)
     _attach_size(case)
@@ -189,12 +191,15 @@ def build_inception_v2_tiny(case, is_training):
 # ---- 4. inception_v3_tiny --------------------------------------------------------------------
 def build_inception_v3_tiny(case, is_training, full=False):
     images = _image_placeholder(case)
-    mult, min_depth, classes = (1.0, 16, 1001) if full else (0.1, 4, 10)
     with slim.arg_scope(inception_v3.inception_v3_arg_scope(weight_decay=4e-5)):
-        logits, end_points = inception_v3.inception_v3(
-            images, num_classes=classes, is_training=is_training, dropout_keep_prob=0.8,
-            min_depth=min_depth, depth_multiplier=mult, create_aux_logits=False,
-            scope="InceptionV3")
+        if full:
+            logits, end_points = inception_v3.inception_v3(
+                images, num_classes=1001, is_training=is_training, dropout_keep_prob=0.8,
+                create_aux_logits=False, scope="InceptionV3")
+        else:
+            # slim inception_v3, base cut after Mixed_5d to keep the committed graph small.
+            logits, end_points = fixture_nets.inception_v3_truncated(
+                images, num_classes=10, is_training=is_training, final_endpoint="Mixed_5d")
     # As the tfhub.dev inception_v3 feature vectors: PreLogits, which is AFTER Dropout_1b.
     features = tf.squeeze(end_points["PreLogits"], [1, 2], name="feature_vector")
     _standard_signatures(images, features, logits)
@@ -294,19 +299,20 @@ def _case_list():
           hparams={"batch_norm_momentum": BN_MOMENTUM_HPARAM},
           hparams_signature="image_feature_vector_with_bn_hparams"),
         C("inception_v2_tiny",
-          "slim inception_v2 (depth_multiplier 0.1), fixed 64x64; dropout before the logits in "
+          "slim inception_v2 (depth_multiplier 0.1, base cut after Mixed_4a), fixed 64x64; dropout before the logits in "
           "the train graph, feature vector = AvgPool_1a before dropout.",
           "dropout_before_logits",
           build_inception_v2_tiny, image_size=(64, 64)),
         C("inception_v3_tiny",
-          "slim inception_v3 (depth_multiplier 0.1, no aux logits), fixed 75x75; "
+          "slim inception_v3 (depth_multiplier 0.1, no aux logits, base cut after Mixed_5d), "
+          "fixed 75x75; "
           "image_feature_vector = PreLogits which comes AFTER Dropout_1b (dropout on output "
           "features in the train graph).",
           "dropout_on_feature_output",
           build_inception_v3_tiny, image_size=(75, 75),
-          nodropout={"default": {"default": "InceptionV3/Logits/AvgPool_1a_2x2/AvgPool:0"},
+          nodropout={"default": {"default": "InceptionV3/Logits/AvgPool_1a_7x7/AvgPool:0"},
                      "image_feature_vector": {
-                         "default": "InceptionV3/Logits/AvgPool_1a_2x2/AvgPool:0"}}),
+                         "default": "InceptionV3/Logits/AvgPool_1a_7x7/AvgPool:0"}}),
         C("mobilenet_quantops",
           "tiny MobileNet-V1 with fake_quant_with_min_max_vars on weights and activations; "
           "min/max are non-trainable variables, updated in training via UPDATE_OPS.",
@@ -540,7 +546,9 @@ def _images(case):
     out = {}
     for i, (b, h, w) in enumerate(case.batches()):
         rng = np.random.RandomState(_seed_for(case.name, "images/%d" % i))
-        out[batch_tag(b, h, w)] = rng.uniform(0.0, 1.0, (b, h, w, 3)).astype(np.float32)
+        # Like decoded 8-bit images scaled to [0, 1] (k/255): realistic and compresses well.
+        pixels = rng.randint(0, 256, (b, h, w, 3))
+        out[batch_tag(b, h, w)] = (pixels / 255.0).astype(np.float32)
     return out
 
 
@@ -588,8 +596,17 @@ def record_goldens(case, path):
         except (ValueError, KeyError):
             meta["expected_image_size"] = None
         meta["variables"] = sorted(_var_map(module))
-        if case.is_text:
-            return None, meta
+    if case.is_text:
+        with tf.Graph().as_default():
+            module = hub.Module(path, trainable=True)
+            trainable = {v.op.name for v in tf1.trainable_variables()}
+            vm = _var_map(module)
+            meta["trainable_variables"] = sorted(n for n, v in vm.items() if v.op.name in trainable)
+            meta["non_trainable_variables"] = sorted(
+                n for n, v in vm.items() if v.op.name not in trainable)
+        return None, meta
+    with tf.Graph().as_default():
+        module = hub.Module(path)
         placeholders, fetches = {}, {}
         for s in sigs:
             placeholders[s] = _make_inputs(module.get_input_info_dict(s))
