@@ -365,6 +365,7 @@ class ReferenceModule:
                  random_feeds: Optional[Mapping[str, np.ndarray]] = None,
                  probe: Optional[np.ndarray] = None,
                  bypass_output_dropout: bool = False,
+                 feeds_by_tensor: Optional[Mapping[str, np.ndarray]] = None,
                  seed: int = 0) -> TrainStepResult:
     """One training step of the train graph (the inference graph if none).
 
@@ -372,7 +373,8 @@ class ReferenceModule:
     input of its output dropout, reshaped like the output, with
     `bypass_output_dropout`), the regularization losses and the gradients of
     `sum(output * probe)`; then the update ops once with the same feeds; then
-    reads the variables. Random ops are fed: with `random_feeds` (op name ->
+    reads the variables. `feeds_by_tensor` feeds more graph tensors by name
+    (e.g. a hyperparameter that the signature does not take). Random ops are fed: with `random_feeds` (op name ->
     value) or with seeded values of their distribution. The variables are
     restored to the module's values before the step and left updated after
     it (call `reset()`).
@@ -382,6 +384,8 @@ class ReferenceModule:
     sig = g.variant.signatures[signature]
     inputs = {"images": images, **(hparams or {})}
     feed = self._feed(g, sig, inputs)
+    for name, value in (feeds_by_tensor or {}).items():
+      feed[g.tensor(name)] = np.asarray(value)
     target, shaped_like = self._train_target(g, signature, output_key,
                                              bypass_output_dropout)
     updates = [g.graph.get_operation_by_name(n)

@@ -18,6 +18,8 @@ class Tolerance:
 
 
 TOLERANCES: Mapping[str, Tolerance] = {
+    "variables": Tolerance(
+        0.0, 0.0, "copied from the module's checkpoint: bit for bit"),
     "inference": Tolerance(
         1e-5, 1e-5, "same graph, same kernels, same process (CPU): only "
         "grappler/oneDNN fusion differences between Session and tf.function"),
