@@ -224,6 +224,28 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
   return meta
 
 
+def _regularization_losses(graph_def, loss_tensors: Sequence[str],
+                           variables: Mapping[str, tf.Variable],
+                           where: str) -> list[Callable]:
+  """One function per loss, imported from its own subgraph.
+
+  `prune` keeps every capture of the wrapped graph, so pruning the whole
+  graph would make each loss function take every variable; importing only the
+  loss's subgraph makes it capture just the variables it reads.
+  """
+  result = []
+  for tensor in loss_tensors:
+    node = tensor.split(":")[0]
+    try:
+      sub = tf.compat.v1.graph_util.extract_sub_graph(graph_def, [node])
+    except (AssertionError, ValueError, KeyError) as e:
+      raise errors.CorruptModuleError(
+          f"{where}: regularization loss '{tensor}' is not in the graph "
+          f"({_first_line(e)})") from None
+    result.append(_ImportedGraph(sub, variables, where, {}).prune([], [tensor]))
+  return result
+
+
 def _zero_arg_loss(pruned: Callable) -> Callable:
   # A closure, not a default argument: defaults break tf.saved_model.save.
   return tf.function(lambda: pruned()[0], input_signature=[])
@@ -340,11 +362,9 @@ def build(module: legacy_format.LegacyModule,
     train_feeds = [plan.images_tensor] + hparam_feeds
     train_fn = train_graph.prune(train_feeds, [train_output], ops=update_ops)
   loss_variant = module.train or module.inference
-  loss_graph = imported[loss_variant.tags]
-  loss_names = list(loss_variant.regularization_losses)
-  # One pruned function per loss: each captures only its own variables (a
-  # shared function would make every wrapper capture all of them).
-  loss_fns = [loss_graph.prune([], [name]) for name in loss_names]
+  loss_fns = _regularization_losses(
+      graph_defs[loss_variant.tags], loss_variant.regularization_losses,
+      variables, f"{module.path} (tags {sorted(loss_variant.tags)})")
 
   hparam_defaults = {h.name: h.default for h in plan.hparams}
   hparam_dtypes = {h.name: h.dtype for h in plan.hparams}
