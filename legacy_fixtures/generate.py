@@ -871,6 +871,7 @@ def check(names, out_root, atol=1e-6, rtol=1e-6):
     ok = True
     with tempfile.TemporaryDirectory(prefix="legacy_check_") as tmp:
         for name in names:
+            case_ok = True
             case = CASES[name]
             generate(case, tmp, manifest=False)
             # 1. files: bitwise comparison (informational for saved_model.pb, see README)
@@ -880,7 +881,7 @@ def check(names, out_root, atol=1e-6, rtol=1e-6):
                 old = {os.path.relpath(p, out_root): _sha256(p) for p in _files_under(
                     os.path.join(out_root, sub))}
                 if set(new) != set(old):
-                    ok = False
+                    case_ok = False
                     print("FAIL %s: file sets differ: %s" % (name, sorted(set(new) ^ set(old))))
                 for rel in sorted(set(new) & set(old)):
                     print("  %-9s %s" % ("same" if new[rel] == old[rel] else "DIFFERENT", rel))
@@ -891,36 +892,39 @@ def check(names, out_root, atol=1e-6, rtol=1e-6):
                 jo = json.load(f)
             jn.pop("versions"), jo.pop("versions")
             if jn != jo:
-                ok = False
+                case_ok = False
                 print("FAIL %s: golden json differs: %s" % (
                     name, sorted(k for k in set(jn) | set(jo) if jn.get(k) != jo.get(k))))
             # 3. golden values to atol/rtol
             npz_new = os.path.join(tmp, "goldens", name + ".npz")
             npz_old = os.path.join(out_root, "goldens", name + ".npz")
             if os.path.exists(npz_new) != os.path.exists(npz_old):
-                ok = False
+                case_ok = False
                 print("FAIL %s: npz presence differs" % name)
+                ok = False
                 continue
             if not os.path.exists(npz_new):
-                print("OK   %s (json only)" % name)
+                print("%s %s (json only)" % ("OK  " if case_ok else "FAIL", name))
+                ok = ok and case_ok
                 continue
             same_bytes = _sha256(npz_new) == _sha256(npz_old)
             with np.load(npz_new) as a, np.load(npz_old) as b:
                 if set(a.files) != set(b.files):
-                    ok = False
+                    case_ok = False
                     print("FAIL %s: golden keys differ: %s" % (name, sorted(set(a.files) ^ set(b.files))))
                 worst = 0.0
                 for k in sorted(set(a.files) & set(b.files)):
                     x, y = a[k].astype(np.float64), b[k].astype(np.float64)
                     if x.shape != y.shape or not np.allclose(x, y, atol=atol, rtol=rtol):
-                        ok = False
+                        case_ok = False
                         print("FAIL %s: %s differs (max abs %s)" % (
                             name, k, np.max(np.abs(x - y)) if x.shape == y.shape else "shape"))
                     elif x.size:
                         worst = max(worst, float(np.max(np.abs(x - y))))
-            print("%s %s: goldens %s (max abs diff %.3g)" % (
-                "OK  " if ok else "FAIL", name, "bitwise identical" if same_bytes else "match",
-                worst))
+            print("%s %s: goldens %s (max abs diff of matching arrays %.3g)" % (
+                "OK  " if case_ok else "FAIL", name,
+                "bitwise identical" if same_bytes else ("match" if case_ok else "DIFFER"), worst))
+            ok = ok and case_ok
     return ok
 
 
