@@ -10,7 +10,7 @@
 Exit codes (see migrate/errors.py): 0 ok, 1 internal error, 2 usage,
 3 input not found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt
 module, 7 output problem, 8 unsafe ops, 9 parity failure, 10 batch with
-failures.
+failures, 11 TensorFlow crashed on the module, 12 timeout.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ _REPORT = flags.DEFINE_string("report", None, "Write the parity (or batch) "
 _ALLOW_UNSAFE_OPS = flags.DEFINE_bool(
     "allow_unsafe_ops", False, "Convert modules whose graphs contain ops that "
     "reach the file system, the network or the Python process.")
+_TIMEOUT = flags.DEFINE_float(
+    "timeout", None, "Stop the work on a module after this many seconds "
+    "(batch: per module).", lower_bound=1)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
                              "the traceback.")
 
@@ -119,9 +122,12 @@ def _write_report(report) -> None:
 
 def _convert(src: str, dst: str) -> int:
   from migrate import convert  # pylint: disable=g-import-not-at-top
+  from migrate import isolation
   try:
-    result = convert.convert(
-        src, dst, signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
+    result = isolation.run_isolated(
+        convert.convert, src, dst, what=src, timeout=_TIMEOUT.value,
+        quiet=not _VERBOSE.value,
+        signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
         overwrite=_OVERWRITE.value,
         keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
         verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
@@ -140,17 +146,12 @@ def _convert(src: str, dst: str) -> int:
 
 
 def _verify(old: str, new: str) -> int:
-  from migrate import errors  # pylint: disable=g-import-not-at-top
-  from migrate import legacy_format
-  from migrate import safety
-  from migrate import verify
-  safety.check_module(legacy_format.read_module(old),
-                      allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
-  if not os.path.isdir(new):
-    raise errors.InputNotFoundError(
-        f"{new}: expected a converted SavedModel directory, found "
-        f"{'a file' if os.path.exists(new) else 'nothing'}")
-  report = verify.verify(old, new)
+  from migrate import convert  # pylint: disable=g-import-not-at-top
+  from migrate import errors
+  from migrate import isolation
+  report = isolation.run_isolated(
+      convert.verify_existing, old, new, what=old, timeout=_TIMEOUT.value,
+      quiet=not _VERBOSE.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
   print(report.format_table())
   _write_report(report)
   if not report.passed:
@@ -190,6 +191,8 @@ def main(argv: Sequence[str]) -> int:
     return ExitCode.USAGE
   except MigrationError as e:
     _print_error(str(e))
+    if _VERBOSE.value and getattr(e, "traceback_text", ""):
+      print(e.traceback_text, file=sys.stderr)
     return e.exit_code
   except KeyboardInterrupt:
     _print_error("interrupted; nothing was written")

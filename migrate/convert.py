@@ -128,3 +128,18 @@ def convert(src: str, dst: str, *,
       has_train_graph=plan.has_train_graph, notes=list(built.notes),
       input_bytes=export.directory_size(src), output_bytes=output_bytes,
       seconds=seconds, parity=report, kept_aside=kept)
+
+
+def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
+  """Verifies an existing pair (made earlier or by other means) -> ParityReport."""
+  from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
+  safety.check_module(legacy_format.read_module(old),
+                      allow_unsafe_ops=allow_unsafe_ops)
+  if not os.path.isdir(new):
+    raise errors.InputNotFoundError(
+        f"{new}: expected a converted SavedModel directory, found "
+        f"{'a file' if os.path.exists(new) else 'nothing'}")
+  if not os.path.isfile(os.path.join(new, legacy_format.SAVED_MODEL_FILENAME)):
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a converted SavedModel (saved_model.pb), found none")
+  return verify_lib.verify(old, new)

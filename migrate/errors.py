@@ -24,6 +24,8 @@ class ExitCode(enum.IntEnum):
   UNSAFE_OPS = 8  # The module's graphs contain ops that reach outside.
   PARITY = 9  # The converted model does not compute what the module did.
   BATCH_FAILURES = 10  # A batch finished, but some modules failed.
+  CRASHED = 11  # TensorFlow died (abort, segfault) on this module.
+  TIMEOUT = 12  # The work on this module exceeded --timeout.
 
 
 class MigrationError(Exception):
@@ -58,3 +60,24 @@ class UnsafeOpsError(MigrationError):
 
 class ParityError(MigrationError):
   exit_code = ExitCode.PARITY
+
+
+class WorkerCrashedError(MigrationError):
+  exit_code = ExitCode.CRASHED
+
+
+class WorkerTimeoutError(MigrationError):
+  exit_code = ExitCode.TIMEOUT
+
+
+class InternalError(MigrationError):
+  """A bug in this tool, raised in a child process; carries its traceback."""
+
+  exit_code = ExitCode.INTERNAL
+
+  def __init__(self, message: str, traceback_text: str = ""):
+    super().__init__(message)
+    self.traceback_text = traceback_text
+
+  def __reduce__(self):
+    return (type(self), (str(self), self.traceback_text))

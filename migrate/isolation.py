@@ -1,0 +1,127 @@
+"""Run work in a child process, so that a TensorFlow crash costs only that work.
+
+Malformed graphs can abort or crash TensorFlow's C++ side (CHECK failures,
+segfaults); a hang or a memory blow-up is possible too. `run_isolated` runs a
+picklable function in a fresh `spawn`ed process (never `fork` after
+TensorFlow is loaded), returns its result or re-raises its
+`MigrationError`, and turns a death by signal or a timeout into a
+`WorkerCrashedError` / `WorkerTimeoutError` with one clear line. The child
+dies with its parent (PR_SET_PDEATHSIG), so killing the CLI leaves no orphan
+still writing; its temporary directory is cleaned by the next run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import traceback
+from typing import Any, Callable, Optional
+
+from migrate import errors
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  try:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (OSError, AttributeError):
+    pass  # Not Linux: the child may outlive a killed parent.
+
+
+def _start_with_quiet_stderr(process) -> None:
+  """Starts `process` with fd 2 on /dev/null.
+
+  The spawned child imports TensorFlow while unpickling its target, before
+  any of its own code runs; its C++ start-up chatter would bury the one line
+  the CLI prints. Its errors come back through the pipe instead.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    process.start()
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _child(conn, fn, args, kwargs) -> None:
+  _die_with_parent()
+  try:
+    result = fn(*args, **kwargs)
+    conn.send(("ok", result))
+  except errors.MigrationError as e:
+    conn.send(("error", e))
+  except BaseException as e:  # pylint: disable=broad-except
+    conn.send(("bug", (type(e).__name__, str(e), traceback.format_exc())))
+  finally:
+    conn.close()
+
+
+def _signal_name(code: int) -> str:
+  try:
+    return signal.Signals(-code).name
+  except ValueError:
+    return f"signal {-code}"
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, what: str,
+                 timeout: Optional[float] = None, quiet: bool = True,
+                 **kwargs: Any) -> Any:
+  """Runs `fn(*args, **kwargs)` in a child process and returns its result.
+
+  `what` names the work in error messages (e.g. the module path). Raises the
+  child's `MigrationError`, `WorkerCrashedError` if the child died (signal or
+  exit without a result), `WorkerTimeoutError` after `timeout` seconds, and
+  `errors.InternalError` for a bug in the child (with its traceback text).
+  """
+  ctx = multiprocessing.get_context("spawn")
+  parent_conn, child_conn = ctx.Pipe(duplex=False)
+  process = ctx.Process(target=_child, args=(child_conn, fn, args, kwargs),
+                        daemon=True)
+  if quiet:
+    _start_with_quiet_stderr(process)
+  else:
+    process.start()
+  child_conn.close()
+  try:
+    ready = parent_conn.poll(timeout)
+    if not ready:
+      process.kill()
+      process.join()
+      raise errors.WorkerTimeoutError(
+          f"{what}: expected the conversion to finish within {timeout:g} s, "
+          f"found it still running; stopped it (nothing was written)")
+    try:
+      status, payload = parent_conn.recv()
+    except EOFError:
+      process.join()
+      code = process.exitcode
+      how = (f"was killed by {_signal_name(code)}" if code is not None and code < 0
+             else f"exited with code {code}")
+      raise errors.WorkerCrashedError(
+          f"{what}: TensorFlow {how} while processing this module (a malformed "
+          f"graph can abort it); nothing was written") from None
+    process.join()
+  except BaseException:
+    if process.is_alive():
+      process.kill()
+      process.join()
+    raise
+  finally:
+    parent_conn.close()
+  if status == "ok":
+    return payload
+  if status == "error":
+    raise payload
+  name, message, trace = payload
+  raise errors.InternalError(f"{what}: internal error ({name}: "
+                             f"{message.strip().splitlines()[0][:300] if message.strip() else ''})",
+                             traceback_text=trace)
