@@ -136,51 +136,123 @@ def _first_line(error: BaseException) -> str:
   return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-class _ImportedGraph:
-  """One MetaGraph imported over the shared variables."""
+def _ref_name(ref: str) -> str:
+  """Node name of an input reference ('^a', 'a:1', 'a')."""
+  return ref.lstrip("^").split(":")[0]
 
-  def __init__(self, graph_def, variables: Mapping[str, tf.Variable], where: str,
-               asset_paths: Mapping[str, tf.Tensor]):
+
+def _tensor_key(ref: str) -> str:
+  return ref if ":" in ref else ref + ":0"
+
+
+class _GraphIndex:
+  """One MetaGraph's GraphDef, indexed once, cut into functions on demand.
+
+  Each function is made by importing only the subgraph its fetches need
+  inside `tf.compat.v1.wrap_function`, with `input_map` sending the feeds to
+  the function's inputs and every variable handle to the captured handle of
+  the shared eager variable. (Importing the whole graph and then calling
+  `prune` would copy it again per function and keep every capture.)
+  """
+
+  def __init__(self, graph_def, variables: Mapping[str, tf.Variable],
+               asset_paths: Mapping[str, tf.Tensor], where: str):
+    self.graph_def = graph_def
+    self.nodes = {n.name: n for n in graph_def.node}
+    self.variables = variables
+    self.asset_paths = dict(asset_paths)
     self.where = where
-    handles = [n.name for n in graph_def.node
-               if n.op in graph_rewrite.RESOURCE_VARIABLE_OPS]
+    self.handles = {n.name for n in graph_def.node
+                    if n.op in graph_rewrite.RESOURCE_VARIABLE_OPS}
 
-    def import_fn():
+  def _subgraph(self, roots: Sequence[str], stop: set[str]):
+    keep, todo = set(), [r for r in roots if r not in stop]
+    while todo:
+      name = todo.pop()
+      if name in keep:
+        continue
+      node = self.nodes.get(name)
+      if node is None:
+        raise errors.CorruptModuleError(
+            f"{self.where}: expected a node '{name}' in the graph, found none")
+      keep.add(name)
+      todo.extend(n for n in map(_ref_name, node.input)
+                  if n not in keep and n not in stop)
+    sub = tf.compat.v1.GraphDef()
+    sub.versions.CopyFrom(self.graph_def.versions)
+    sub.library.CopyFrom(self.graph_def.library)
+    used: set[str] = set()
+    for node in self.graph_def.node:  # Keeps the original order.
+      if node.name not in keep:
+        continue
+      copy = sub.node.add()
+      copy.CopyFrom(node)
+      del copy.input[:]
+      for ref in node.input:
+        if _ref_name(ref) in stop:
+          if ref.startswith("^"):
+            continue  # Control edges to fed tensors or variable handles.
+          used.add(_tensor_key(ref))
+        copy.input.append(ref)
+      if "_class" in copy.attr:  # Colocation with nodes that may be cut away.
+        del copy.attr["_class"]
+    return sub, used
+
+  def function(self, feeds: Sequence[tuple[str, tf.TensorSpec]],
+               fetches: Sequence[str], ops: Sequence[str] = ()) -> Callable:
+    """A function of `feeds` computing `fetches` and running `ops`."""
+    feed_names = [name for name, _ in feeds]
+    asset_nodes = {_ref_name(t) for t in self.asset_paths}
+    stop = {_ref_name(n) for n in feed_names} | self.handles | asset_nodes
+    roots = [_ref_name(t) for t in fetches] + [_ref_name(o) for o in ops]
+    sub, used = self._subgraph(roots, stop)
+    missing = sorted({_ref_name(k) for k in used} & self.handles - set(self.variables))
+    if missing:
+      raise errors.CorruptModuleError(
+          f"{self.where}: the graph reads variable '{missing[0]}', which the "
+          f"module's checkpoint does not hold")
+
+    def import_fn(*args):
       graph = tf.compat.v1.get_default_graph()
-      input_map = {f"{name}:0": graph.capture(variables[name].handle)
-                   for name in handles if name in variables}
-      input_map.update({name: graph.capture(path)
-                        for name, path in asset_paths.items()})
-      tf.compat.v1.import_graph_def(graph_def, input_map=input_map, name="")
+      input_map = {}
+      for name, arg in zip(feed_names, args):
+        if _tensor_key(name) in used:
+          input_map[_tensor_key(name)] = arg
+      for key in used:
+        node = _ref_name(key)
+        if node in self.handles:
+          input_map[key] = graph.capture(self.variables[node].handle)
+        elif key in self.asset_paths:
+          input_map[key] = graph.capture(self.asset_paths[key])
+      results = tf.compat.v1.import_graph_def(
+          sub, input_map=input_map, name="",
+          return_elements=[_tensor_key(t) for t in fetches] +
+          [_ref_name(o) for o in ops])
+      outputs, updates = results[:len(fetches)], results[len(fetches):]
+      if updates:
+        with tf.control_dependencies(updates):
+          outputs = [tf.identity(t) for t in outputs]
+      return outputs
 
     try:
-      self.wrapped = tf.compat.v1.wrap_function(import_fn, signature=[])
-    except (ValueError, TypeError, tf.errors.OpError, KeyError) as e:
+      return tf.compat.v1.wrap_function(import_fn, [spec for _, spec in feeds])
+    except (ValueError, TypeError, KeyError, tf.errors.OpError) as e:
       raise errors.CorruptModuleError(
-          f"{where}: expected an importable graph, found "
+          f"{self.where}: expected an importable graph, found "
           f"{type(e).__name__}: {_first_line(e)}") from None
 
-  def prune(self, feeds: Sequence[str], fetches: Sequence[str],
-            ops: Sequence[str] = ()) -> Callable:
-    graph = self.wrapped.graph
-    try:
-      feed_tensors = [graph.get_tensor_by_name(n) for n in feeds]
-      fetch_list = [graph.get_tensor_by_name(n) for n in fetches]
-      fetch_list += [graph.get_operation_by_name(n.split(":")[0]) for n in ops]
-      return self.wrapped.prune(feed_tensors, fetch_list)
-    except (ValueError, KeyError, TypeError) as e:
-      raise errors.CorruptModuleError(
-          f"{self.where}: cannot cut the signature's computation out of the "
-          f"graph: {type(e).__name__}: {_first_line(e)}") from None
+
+def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
+  return tf.TensorSpec(info.shape, info.dtype)
 
 
-def _inference_feeds(module: legacy_format.LegacyModule) -> list[str]:
-  feeds = []
+def _inference_feeds(module: legacy_format.LegacyModule
+                     ) -> list[tuple[str, tf.TensorSpec]]:
+  feeds: dict[str, tf.TensorSpec] = {}
   for sig in module.inference.signatures.values():
     for info in sig.inputs.values():
-      if info.tensor_name not in feeds:
-        feeds.append(info.tensor_name)
-  return feeds
+      feeds.setdefault(info.tensor_name, _spec(info))
+  return list(feeds.items())
 
 
 def _feed_defaults(graph_def, feeds: Sequence[str]) -> dict[str, tf.Tensor]:
@@ -224,26 +296,10 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
   return meta
 
 
-def _regularization_losses(graph_def, loss_tensors: Sequence[str],
-                           variables: Mapping[str, tf.Variable],
-                           where: str) -> list[Callable]:
-  """One function per loss, imported from its own subgraph.
-
-  `prune` keeps every capture of the wrapped graph, so pruning the whole
-  graph would make each loss function take every variable; importing only the
-  loss's subgraph makes it capture just the variables it reads.
-  """
-  result = []
-  for tensor in loss_tensors:
-    node = tensor.split(":")[0]
-    try:
-      sub = tf.compat.v1.graph_util.extract_sub_graph(graph_def, [node])
-    except (AssertionError, ValueError, KeyError) as e:
-      raise errors.CorruptModuleError(
-          f"{where}: regularization loss '{tensor}' is not in the graph "
-          f"({_first_line(e)})") from None
-    result.append(_ImportedGraph(sub, variables, where, {}).prune([], [tensor]))
-  return result
+def _regularization_losses(index: _GraphIndex,
+                           loss_tensors: Sequence[str]) -> list[Callable]:
+  """One function per loss, each capturing only the variables it reads."""
+  return [index.function([], [tensor]) for tensor in loss_tensors]
 
 
 def _zero_arg_loss(pruned: Callable) -> Callable:
@@ -275,7 +331,7 @@ def build(module: legacy_format.LegacyModule,
   notes: list[str] = []
   variables = _create_variables(module)
   rewritten = 0
-  imported: dict[frozenset, _ImportedGraph] = {}
+  indexes: dict[frozenset, _GraphIndex] = {}
   graph_defs = {}
   for tags, variant in module.variants.items():
     if tags not in (legacy_format.INFERENCE_TAGS, legacy_format.TRAIN_TAGS):
@@ -328,17 +384,17 @@ def build(module: legacy_format.LegacyModule,
   for tags, graph_def in graph_defs.items():
     asset_paths = {tensor: assets[filename].asset_path for tensor, filename
                    in module.variants[tags].asset_files.items()}
-    imported[tags] = _ImportedGraph(graph_def, variables,
-                                    f"{module.path} (tags {sorted(tags)})",
-                                    asset_paths)
+    indexes[tags] = _GraphIndex(graph_def, variables, asset_paths,
+                                f"{module.path} (tags {sorted(tags)})")
 
-  # Inference: one pruned function computing every signature's outputs.
-  infer_graph = imported[legacy_format.INFERENCE_TAGS]
-  infer_feeds = _inference_feeds(module)
+  # Inference: one function computing every signature's outputs.
+  infer_index = indexes[legacy_format.INFERENCE_TAGS]
+  infer_feed_specs = _inference_feeds(module)
+  infer_feeds = [name for name, _ in infer_feed_specs]
   infer_fetches = sorted({o.tensor_name
                           for s in module.inference.signatures.values()
                           for o in s.outputs.values()})
-  infer_fn = infer_graph.prune(infer_feeds, infer_fetches)
+  infer_fn = infer_index.function(infer_feed_specs, infer_fetches)
   infer_defaults = _feed_defaults(graph_defs[legacy_format.INFERENCE_TAGS],
                                   infer_feeds)
 
@@ -358,13 +414,14 @@ def build(module: legacy_format.LegacyModule,
   if plan.has_train_graph:
     train_variant = module.train
     update_ops = list(train_variant.update_ops)
-    train_graph = imported[legacy_format.TRAIN_TAGS]
-    train_feeds = [plan.images_tensor] + hparam_feeds
-    train_fn = train_graph.prune(train_feeds, [train_output], ops=update_ops)
+    train_feeds = [(plan.images_tensor, tf.TensorSpec(plan.input_shape, tf.float32))]
+    train_feeds += [(h.tensor_name, tf.TensorSpec(h.shape, h.dtype))
+                    for h in plan.hparams]
+    train_fn = indexes[legacy_format.TRAIN_TAGS].function(
+        train_feeds, [train_output], ops=update_ops)
   loss_variant = module.train or module.inference
-  loss_fns = _regularization_losses(
-      graph_defs[loss_variant.tags], loss_variant.regularization_losses,
-      variables, f"{module.path} (tags {sorted(loss_variant.tags)})")
+  loss_fns = _regularization_losses(indexes[loss_variant.tags],
+                                    loss_variant.regularization_losses)
 
   hparam_defaults = {h.name: h.default for h in plan.hparams}
   hparam_dtypes = {h.name: h.dtype for h in plan.hparams}
