@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-# TensorFlow's C++ start-up chatter would bury the one line we print.
+# TensorFlow runs only in child processes (migrate.isolation); this process
+# never imports it, so it starts fast and prints only its own lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -60,27 +61,6 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
                              "the traceback.")
 
 
-def _import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with native stderr silenced (CUDA probes, CPU notes).
-
-  Errors are this tool's own one-line messages; what TensorFlow's C++ side
-  prints while loading would bury them. Python-level errors still surface.
-  """
-  if _VERBOSE.value:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,redefined-outer-name
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-
-
 def _print_error(message: str) -> None:
   print(f"{PROG}: error: {message}", file=sys.stderr)
 
@@ -89,75 +69,72 @@ def _shape(shape) -> str:
   return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
 
-def _print_conversion(result) -> None:
-  width = "?" if result.output_width is None else result.output_width
-  size = (f"{result.default_image_size[0]}x{result.default_image_size[1]}"
-          if result.default_image_size else "not recorded")
+def _print_conversion(r: dict) -> None:
+  width = "?" if r["output_width"] is None else r["output_width"]
+  size = (f"{r['default_image_size'][0]}x{r['default_image_size'][1]}"
+          if r["default_image_size"] else "not recorded")
+  training = "train graph" if r["has_train_graph"] else "none (inference only)"
+  if r["hparams"]:
+    training += f", keyword arguments: {', '.join(r['hparams'])}"
   lines = [
-      f"converted {result.src} -> {result.dst}",
-      f"  signature      {result.signature} (output '{result.output_key}', "
-      f"{result.kind})",
-      f"  input          float32 {_shape(result.input_shape)}, default size {size}",
+      f"converted {r['src']} -> {r['dst']}",
+      f"  signature      {r['signature']} (output '{r['output_key']}', {r['kind']})",
+      f"  input          float32 {_shape(r['input_shape'])}, default size {size}",
       f"  output         float32 [None, {width}]",
-      f"  variables      {result.num_variables} ({result.num_trainable_variables} "
-      f"trainable), {result.num_regularization_losses} regularization losses",
-      f"  training mode  {'train graph' if result.has_train_graph else 'none (inference only)'}"
-      + (f", keyword arguments: {', '.join(result.hparams)}" if result.hparams else ""),
-      f"  size           {result.output_bytes} bytes ({result.size_ratio:.3f}x the input)",
+      f"  variables      {r['num_variables']} ({r['num_trainable_variables']} "
+      f"trainable), {r['num_regularization_losses']} regularization losses",
+      f"  training mode  {training}",
+      f"  size           {r['output_bytes']} bytes ({r['size_ratio']:.3f}x the input)",
+      "  parity         " + (r["parity"]["summary"] if r["parity"]
+                             else "UNVERIFIED (--noverify)"),
   ]
-  if result.parity is None:
-    lines.append("  parity         UNVERIFIED (--noverify)")
-  else:
-    lines.append(f"  parity         {result.parity.summary()}")
-  for note in result.notes:
-    lines.append(f"  note           {note}")
+  lines += [f"  note           {note}" for note in r["notes"]]
   print("\n".join(lines))
 
 
-def _write_report(report) -> None:
-  if _REPORT.value and report is not None:
+def _write_report(report_json: str) -> None:
+  if _REPORT.value and report_json:
     with open(_REPORT.value, "w", encoding="utf-8") as f:
-      f.write(report.to_json())
+      f.write(report_json)
 
 
 def _convert(src: str, dst: str) -> int:
-  from migrate import convert  # pylint: disable=g-import-not-at-top
+  from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
   try:
     result = isolation.run_isolated(
-        convert.convert, src, dst, what=src, timeout=_TIMEOUT.value,
-        quiet=not _VERBOSE.value,
+        "migrate.convert:convert_to_dict", src, dst, what=src,
+        timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
         signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
         overwrite=_OVERWRITE.value,
         keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
         verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
         allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
-  except MigrationError as e:
-    report = getattr(e, "report", None)
-    if report is not None:
-      print(report.format_table())
-      _write_report(report)
+  except errors.ParityError as e:
+    if e.table:
+      print(e.table)
+    _write_report(e.report_json)
     raise
-  if result.parity is not None:
-    print(result.parity.format_table())
-    _write_report(result.parity)
+  if result["parity"]:
+    print(result["parity"]["table"])
+    _write_report(result["parity"]["json"])
   _print_conversion(result)
   return ExitCode.OK
 
 
 def _verify(old: str, new: str) -> int:
-  from migrate import convert  # pylint: disable=g-import-not-at-top
-  from migrate import errors
+  from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
   report = isolation.run_isolated(
-      convert.verify_existing, old, new, what=old, timeout=_TIMEOUT.value,
-      quiet=not _VERBOSE.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
-  print(report.format_table())
-  _write_report(report)
-  if not report.passed:
+      "migrate.convert:verify_to_dict", old, new, what=old,
+      timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
+      allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
+  print(report["table"])
+  _write_report(report["json"])
+  if not report["passed"]:
     raise errors.ParityError(f"{new}: parity with {old} fails: "
-                             f"{report.first_failure}")
-  print(f"verified {new} against {old}: {report.summary()}")
+                             f"{report['first_failure']}")
+  print(f"verified {new} against {old}: {report['summary']}")
   return ExitCode.OK
 
 
@@ -174,7 +151,6 @@ def main(argv: Sequence[str]) -> int:
   """Runs one command; returns its exit code (never raises for user errors)."""
   args = list(argv[1:])
   try:
-    _import_tensorflow_quietly()
     if args and args[0] == "verify":
       if len(args) != 3:
         raise _UsageError("verify takes OLD NEW")

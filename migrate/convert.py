@@ -56,6 +56,17 @@ class ConversionResult:
   def size_ratio(self) -> float:
     return self.output_bytes / max(self.input_bytes, 1)
 
+  def to_dict(self) -> dict:
+    """Plain data (JSON-able), e.g. to cross a process boundary."""
+    result = dataclasses.asdict(
+        dataclasses.replace(self, parity=None))
+    result["size_ratio"] = self.size_ratio
+    result["verified"] = self.verified
+    result["parity"] = None if self.parity is None else {
+        "passed": self.parity.passed, "summary": self.parity.summary(),
+        "table": self.parity.format_table(), "json": self.parity.to_json()}
+    return result
+
 
 def convert(src: str, dst: str, *,
             signature: Optional[str] = None,
@@ -96,6 +107,7 @@ def convert(src: str, dst: str, *,
     if verify:
       from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
       report = verify_lib.verify(src, staged.path)
+      report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
         if keep_failed:
@@ -105,7 +117,8 @@ def convert(src: str, dst: str, *,
         where = f"; the failing model was kept at {kept}" if kept else ""
         raise errors.ParityError(
             f"{src}: the converted model does not compute what the TF1 module "
-            f"did: {report.first_failure}{where}")
+            f"did: {report.first_failure}{where}",
+            table=report.format_table(), report_json=report.to_json())
     staged.write_model_card(export.model_card(
         built, src, module.saved_model_sha256,
         report.summary() if report is not None else None))
@@ -143,3 +156,16 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
     raise errors.NotAHubModuleError(
         f"{new}: expected a converted SavedModel (saved_model.pb), found none")
   return verify_lib.verify(old, new)
+
+
+def convert_to_dict(src: str, dst: str, **options) -> dict:
+  """`convert(...).to_dict()`: for callers in another process (the CLI)."""
+  return convert(src, dst, **options).to_dict()
+
+
+def verify_to_dict(old: str, new: str, **options) -> dict:
+  """`verify_existing` as plain data: passed, summary, table, json."""
+  report = verify_existing(old, new, **options)
+  return {"passed": report.passed, "summary": report.summary(),
+          "table": report.format_table(), "json": report.to_json(),
+          "first_failure": str(report.first_failure)}

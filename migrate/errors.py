@@ -59,7 +59,17 @@ class UnsafeOpsError(MigrationError):
 
 
 class ParityError(MigrationError):
+  """The converted model fails parity; carries the report for the CLI."""
+
   exit_code = ExitCode.PARITY
+
+  def __init__(self, message: str, table: str = "", report_json: str = ""):
+    super().__init__(message)
+    self.table = table
+    self.report_json = report_json
+
+  def __reduce__(self):
+    return (type(self), (str(self), self.table, self.report_json))
 
 
 class WorkerCrashedError(MigrationError):

@@ -13,11 +13,12 @@ still writing; its temporary directory is cleaned by the next run.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import multiprocessing
 import os
 import signal
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from migrate import errors
 
@@ -52,10 +53,17 @@ def _start_with_quiet_stderr(process) -> None:
     os.close(devnull)
 
 
+def _resolve(target: Union[str, Callable[..., Any]]) -> Callable[..., Any]:
+  if callable(target):
+    return target
+  module_name, _, attr = target.partition(":")
+  return getattr(importlib.import_module(module_name), attr)
+
+
 def _child(conn, fn, args, kwargs) -> None:
   _die_with_parent()
   try:
-    result = fn(*args, **kwargs)
+    result = _resolve(fn)(*args, **kwargs)
     conn.send(("ok", result))
   except errors.MigrationError as e:
     conn.send(("error", e))
@@ -72,11 +80,13 @@ def _signal_name(code: int) -> str:
     return f"signal {-code}"
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any, what: str,
+def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
                  timeout: Optional[float] = None, quiet: bool = True,
                  **kwargs: Any) -> Any:
   """Runs `fn(*args, **kwargs)` in a child process and returns its result.
 
+  `fn` is a picklable callable, or "package.module:function", imported only
+  in the child (the parent then never loads TensorFlow).
   `what` names the work in error messages (e.g. the module path). Raises the
   child's `MigrationError`, `WorkerCrashedError` if the child died (signal or
   exit without a result), `WorkerTimeoutError` after `timeout` seconds, and
