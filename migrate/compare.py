@@ -25,6 +25,9 @@ class CheckResult:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def __str__(self) -> str:
+    return f"check '{self.name}' {'passed' if self.passed else 'failed'}: {self.detail}"
+
 
 def _tolerance(tolerance) -> tolerances_lib.Tolerance:
   if isinstance(tolerance, str):

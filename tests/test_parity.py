@@ -1,0 +1,225 @@
+"""Parity of every converted fixture with the goldens recorded by hub.Module.
+
+Each fixture of the corpus (the text module is refused, see test_convert) is
+converted once; the converted model is then compared with the goldens of
+`legacy_fixtures/goldens/` (see docs/CONTRACT.md) using the one comparison
+helper and tolerance table, and `verify()` must pass on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from migrate import compare
+from migrate import verify as verify_lib
+from tests import conftest
+
+NAMES = conftest.convertible_fixture_names()
+
+
+def _assert_ok(result: compare.CheckResult) -> None:
+  assert result.passed, str(result)
+
+
+class _Converted:
+  """A converted fixture, loaded once, with its goldens."""
+
+  def __init__(self, name: str, path: str):
+    self.name = name
+    self.path = path
+    self.model = tf.saved_model.load(path)
+    self.meta = conftest.golden_meta(name)
+    self.arrays = conftest.golden_arrays(name)
+    self.variables = {v.name.rsplit(":", 1)[0]: v for v in self.model.variables}
+    self.initial = {n: v.numpy() for n, v in self.variables.items()}
+
+  def restore(self) -> None:
+    for n, v in self.variables.items():
+      v.assign(self.initial[n])
+
+  def text(self, key: str) -> str:
+    return self.model.metadata.__getattribute__(key).numpy().decode()
+
+  @property
+  def train_images(self) -> np.ndarray:
+    return self.arrays["images/" + self.meta["train_batch"]]
+
+
+@pytest.fixture(scope="module")
+def converted(convert_cached):
+  cache: dict = {}
+
+  def get(name: str, **options) -> _Converted:
+    key = (name, tuple(sorted(options.items())))
+    if key not in cache:
+      cache[key] = _Converted(name, convert_cached(name, **options))
+    return cache[key]
+
+  return get
+
+
+def _hparam_feeds(meta, sig_inputs) -> dict[str, np.ndarray]:
+  return {k: np.float32(v) for k, v in meta["infer_feeds"].items() if k in sig_inputs}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_signature_output_matches_goldens(converted, name):
+  c = converted(name)
+  checked = 0
+  for sig, info in c.meta["signatures"].items():
+    fn = c.model.signatures[sig]
+    for tag in c.meta["batches"]:
+      inputs = {"images": tf.constant(c.arrays["images/" + tag])}
+      inputs.update({k: tf.constant(v) for k, v in
+                     _hparam_feeds(c.meta, info["inputs"]).items()})
+      outputs = fn(**inputs)
+      assert set(outputs) == set(info["outputs"]), sig
+      for key, value in outputs.items():
+        _assert_ok(compare.compare(f"{sig}/{key}/{tag}", value.numpy(),
+                                   c.arrays[f"infer/{sig}/{key}/{tag}"],
+                                   "golden_inference"))
+        checked += 1
+  assert checked == sum(k.startswith("infer/") for k in c.arrays)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_call_matches_goldens(converted, name):
+  c = converted(name)
+  sig, key = c.text("source_signature"), c.text("source_output_key")
+  for tag in c.meta["batches"]:
+    out = c.model(tf.constant(c.arrays["images/" + tag]))
+    _assert_ok(compare.compare(f"__call__/{tag}", out.numpy(),
+                               c.arrays[f"infer/{sig}/{key}/{tag}"],
+                               "golden_inference"))
+
+
+def _train_expected(c: _Converted, sig: str, key: str) -> np.ndarray:
+  if key in c.meta["nodropout"].get(sig, {}):
+    return c.arrays[f"train_nodropout/{sig}/{key}"]
+  if c.meta["train_signatures"]:
+    return c.arrays[f"train/{sig}/{key}"]
+  return c.arrays[f"infer/{sig}/{key}/{c.meta['train_batch']}"]
+
+
+def _training_call(c: _Converted, sig: str, shape):
+  """__call__(training=True), or a copy fed the golden random values."""
+  prefix = f"train_random/{sig}/"
+  randoms = {k[len(prefix):]: v for k, v in c.arrays.items() if k.startswith(prefix)}
+  if not randoms:
+    return lambda x: c.model(x, training=True), 0
+  fed = verify_lib._FedTrainFunction(  # pylint: disable=protected-access
+      verify_lib._training_concrete(c.model, []), randoms, shape)  # pylint: disable=protected-access
+  used = [r for r in fed.matched.values()]
+  # Random ops of the golden run that are not on __call__'s path are fine
+  # (other outputs of the signature); every random op on it must be fed.
+  assert not fed.unmatched_converted, fed.unmatched_converted
+  return fed, len(used)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_matches_goldens(converted, name):
+  c = converted(name)
+  sig, key = c.text("source_signature"), c.text("source_output_key")
+  x = tf.constant(c.train_images)
+  call, _ = _training_call(c, sig, x.shape)
+  try:
+    out = call(x)
+    after = {n: v.numpy() for n, v in c.variables.items()}
+  finally:
+    c.restore()
+  _assert_ok(compare.compare("train output", out.numpy(),
+                             _train_expected(c, sig, key), "golden_training"))
+  before = {n[len("moving_before/"):]: v for n, v in c.arrays.items()
+            if n.startswith("moving_before/")}
+  expected = {n[len("moving_after/"):]: v for n, v in c.arrays.items()
+              if n.startswith("moving_after/")}
+  if not c.meta["train_signatures"]:
+    assert not expected
+    expected = {n: c.initial[n] for n in c.meta["non_trainable_variables"]}
+  _assert_ok(compare.compare_many(
+      "moving_before", {n: c.initial[n] for n in before}, before, "variables"))
+  _assert_ok(compare.compare_many(
+      "moving_after", {n: after[n] for n in expected}, expected,
+      "golden_moving_averages"))
+  # A check that cannot fail is a defect: the step must move what TF1 moved.
+  moved = [n for n in expected if not np.array_equal(expected[n], c.initial[n])]
+  assert bool(moved) == bool(c.meta["train_signatures"] and c.meta["num_update_ops"])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if conftest.golden_meta(n)["hparams"]])
+def test_training_step_with_hparams_matches_goldens(converted, name):
+  c = converted(name)
+  x = tf.constant(c.train_images)
+  kwargs = {k: tf.constant(v, tf.float32) for k, v in c.meta["hparams"].items()}
+  try:
+    c.model(x, training=True, **kwargs)
+    after = {n: v.numpy() for n, v in c.variables.items()}
+  finally:
+    c.restore()
+  expected = {n[len("moving_after_hparams/"):]: v for n, v in c.arrays.items()
+              if n.startswith("moving_after_hparams/")}
+  assert expected
+  _assert_ok(compare.compare_many("moving_after_hparams",
+                                  {n: after[n] for n in expected}, expected,
+                                  "golden_moving_averages"))
+  default = {n[len("moving_after/"):]: v for n, v in c.arrays.items()
+             if n.startswith("moving_after/")}
+  assert not compare.compare_many("hparams matter", expected, default,
+                                  "golden_moving_averages").passed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_regularization_total_matches_golden(converted, name):
+  c = converted(name)
+  total = np.float32(sum(float(f()) for f in c.model.regularization_losses))
+  _assert_ok(compare.compare("regularization", total,
+                             c.arrays["regularization_loss"],
+                             "golden_regularization"))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES
+                                  if conftest.golden_meta(n)["grad_signature"]])
+def test_gradient_norms_match_goldens(converted, name):
+  meta = conftest.golden_meta(name)
+  sig, key = meta["grad_signature"], meta["grad_output_key"]
+  c = converted(name, signature=sig, output_key=key)
+  x = tf.constant(c.train_images)
+  call, _ = _training_call(c, sig, x.shape)
+  probe = c.arrays["grad_probe"]
+  trainable = list(c.model.trainable_variables)
+  try:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(trainable)  # The fed copy reads them through captured handles.
+      out = call(x)
+      loss = tf.reduce_sum(tf.reshape(out, probe.shape) * probe)
+    grads = tape.gradient(loss, trainable)
+  finally:
+    c.restore()
+  norms = {v.name.rsplit(":", 1)[0]: np.float32(tf.norm(g).numpy())
+           for v, g in zip(trainable, grads) if g is not None}
+  expected = {n[len("grad_norm/"):]: v for n, v in c.arrays.items()
+              if n.startswith("grad_norm/")}
+  assert set(expected) == set(meta["trainable_variables"])
+  scale = max(float(v) for v in expected.values())
+  _assert_ok(compare.compare_many("grad_norm", norms, expected,
+                                  "golden_gradient_norms", scale=scale))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_verify_passes(converted, name):
+  c = converted(name)
+  report = verify_lib.verify(conftest.module_path(name), c.path)
+  assert report.passed, report.format_table()
+  names = {r.name for r in report.checks}
+  assert {"variables/values", "call/inference", "regularization/total",
+          "train/output", "train/moving_averages", "train/gradients"} <= names
+  assert all(f"signature/{s}/{k}" in names
+             for s, info in c.meta["signatures"].items() for k in info["outputs"])
+  if c.meta["hparams"]:
+    assert any(n.startswith("train[batch_norm_momentum=") for n in names)
+  # verify() left the loaded variables and the files as they were.
+  reloaded = tf.saved_model.load(c.path)
+  for v in reloaded.variables:
+    np.testing.assert_array_equal(v.numpy(), c.initial[v.name.rsplit(":", 1)[0]])
