@@ -5,7 +5,7 @@
                        [--report=FILE.json] [--allow_unsafe_ops]
     migrate-hub-module verify OLD NEW [--report=FILE.json]
     migrate-hub-module batch SRC_ROOT DST_ROOT [--manifest=FILE.csv] [--jobs=N]
-                       [--timeout=SECONDS] [--report=FILE.json]
+                       [--timeout=SECONDS] [--report=FILE.json,FILE.csv]
 
 Exit codes (see migrate/errors.py): 0 ok, 1 internal error, 2 usage,
 3 input not found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt
@@ -59,6 +59,15 @@ _TIMEOUT = flags.DEFINE_float(
     "(batch: per module).", lower_bound=1)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
                              "the traceback.")
+# Batch-only flags (migrate-hub-module batch).
+_MANIFEST = flags.DEFINE_string(
+    "manifest", None, "batch: convert the modules listed in this CSV (columns "
+    "source, destination[, signature, output_key]; relative sources resolve "
+    "under SRC_ROOT, relative destinations under DST_ROOT) instead of "
+    "scanning SRC_ROOT.")
+_JOBS = flags.DEFINE_integer(
+    "jobs", None, "batch: modules converted at a time, each in its own worker "
+    "process (default: the number of cores).", lower_bound=1)
 
 
 def _print_error(message: str) -> None:
@@ -139,8 +148,81 @@ def _verify(old: str, new: str) -> int:
 
 
 def _batch(src_root: str, dst_root: str) -> int:
-  from migrate import batch  # pylint: disable=g-import-not-at-top
-  return batch.main(src_root, dst_root)
+  """Converts every module under SRC_ROOT (or in --manifest); 0 or 10."""
+  import time  # pylint: disable=g-import-not-at-top
+  from migrate import batch
+  from migrate import errors
+  if _MANIFEST.value:
+    sources = batch.read_manifest(_MANIFEST.value, src_root, dst_root)
+  else:
+    sources = batch.discover(src_root, dst_root)
+  if not sources:
+    raise errors.InputNotFoundError(
+        f"{src_root}: expected TF1 Hub modules (directories with "
+        f"tfhub_module.pb, or .tar.gz module archives), found none")
+  options = batch.ConvertOptions(
+      signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
+      keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value, verify=_VERIFY.value,
+      keep_failed=_KEEP_FAILED.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value,
+      overwrite=_OVERWRITE.value)
+
+  # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
+  tty = sys.stderr.isatty()
+  bar = None
+  last_line = [time.monotonic()]
+
+  def say(line: str) -> None:
+    if bar is not None:
+      bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def on_progress(p) -> None:
+    nonlocal bar
+    if p.event == "planned":
+      say(f"batch: {p.total + p.skipped} modules, {p.skipped} up to date, "
+          f"{p.total - p.done} to convert with {jobs} worker(s)")
+      if tty and p.total:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        bar = tqdm(total=p.total, initial=p.done, unit="module",
+                   file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
+                   smoothing=0.1)
+    if p.event == "finished" and p.outcome is not None:
+      if p.outcome.failed:
+        say(f"FAILED {p.module}: [{p.outcome.exit_code}] {p.outcome.error}")
+      if bar is not None and not p.outcome.status.startswith("skipped"):
+        bar.update(1)
+    if bar is not None:
+      bar.total = p.total
+      bar.set_postfix_str(f"{p.converted} ok, {p.failed} failed, "
+                          f"{p.running} running", refresh=False)
+      if p.event == "tick":
+        bar.refresh()
+    elif p.event in ("finished", "tick") and time.monotonic() - last_line[0] >= 15:
+      last_line[0] = time.monotonic()
+      say(f"batch: {p.describe()}")
+
+  jobs = _JOBS.value or batch.default_jobs()
+  try:
+    report = batch.run_batch(
+        sources, dst_root, jobs=jobs, timeout=_TIMEOUT.value, options=options,
+        on_progress=on_progress, quiet=not _VERBOSE.value)
+  except KeyboardInterrupt:
+    if bar is not None:
+      bar.close()
+      bar = None
+    _print_error(f"interrupted; finished modules are recorded in "
+                 f"{os.path.join(dst_root, batch.STATE_FILENAME)}, no partial "
+                 f"output was left: rerun to complete")
+    return 130
+  finally:
+    if bar is not None:
+      bar.close()
+  print(report.format_table())
+  for path in (_REPORT.value or "").split(","):
+    if path.strip():
+      report.write(path.strip())
+  return report.exit_code
 
 
 class _UsageError(Exception):

@@ -1,0 +1,476 @@
+"""Batch conversion (issue #5): many modules, each converted AND verified in a worker.
+
+Real conversions of the small fixtures in spawned workers; nothing of
+TensorFlow is mocked. The full corpus runs once (plus a truncated copy and the
+text module); the other tests use two or three small fixtures.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import pytest
+
+from migrate import batch
+from migrate import errors
+from tests.conftest import REPO, convertible_fixture_names, module_path
+
+SMALL = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
+TEMP_MARKS = (".migrate-tmp-", ".migrate-old-", ".tmp-")
+
+
+# -- helpers ---------------------------------------------------------------------
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "migrate.cli", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def _copy_module(name: str, dst: str) -> str:
+  shutil.copytree(module_path(name), dst)
+  return dst
+
+
+def _make_archive(name: str, archive: str) -> str:
+  """A module archive as tfhub.dev served them: the files at the root."""
+  os.makedirs(os.path.dirname(archive), exist_ok=True)
+  with tarfile.open(archive, "w:gz") as tar:
+    for entry in sorted(os.listdir(module_path(name))):
+      tar.add(os.path.join(module_path(name), entry), arcname=entry)
+  return archive
+
+
+def _truncated_copy(name: str, dst: str) -> str:
+  _copy_module(name, dst)
+  pb = os.path.join(dst, "saved_model.pb")
+  with open(pb, "rb") as f:
+    data = f.read()
+  with open(pb, "wb") as f:
+    f.write(data[:len(data) // 3])
+  return dst
+
+
+def _leftovers(root: str) -> list[str]:
+  """Temporary files or directories of any run under `root`."""
+  found = []
+  for parent, dirs, files in os.walk(root):
+    for name in dirs + files:
+      if any(mark in name for mark in TEMP_MARKS):
+        found.append(os.path.join(parent, name))
+  scratch = os.path.join(root, batch.WORK_DIRNAME, "tmp")
+  if os.path.isdir(scratch) and os.listdir(scratch):
+    found.append(scratch)
+  return found
+
+
+def _assert_complete_model(path: str) -> None:
+  for rel in ("saved_model.pb", "MODEL_CARD.md", "variables/variables.index"):
+    assert os.path.isfile(os.path.join(path, rel)), f"{path}: no {rel}"
+
+
+def _load_and_call(paths) -> None:
+  """Every path loads with tf.saved_model.load and computes features."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    obj = tf.saved_model.load(path)
+    h, w = obj.metadata.default_image_size.numpy().tolist() or [32, 32]
+    out = obj(tf.constant(np.full((1, h or 32, w or 32, 3), 0.5, np.float32)))
+    assert out.shape[0] == 1 and np.all(np.isfinite(out.numpy())), path
+
+
+def _state(dst_root: str) -> dict:
+  with open(os.path.join(dst_root, batch.STATE_FILENAME), encoding="utf-8") as f:
+    return json.load(f)["modules"]
+
+
+def _by_dest(report: dict) -> dict:
+  return {os.path.relpath(m["destination"], report["dst_root"]): m
+          for m in report["modules"]}
+
+
+# -- discovery, manifest, archives (no TensorFlow) -------------------------------
+
+def test_discover_mirrors_the_tree_and_names_archives(tmp_path):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  _copy_module("refvars_bn", str(src / "a" / "refvars"))
+  _make_archive("classifier_probabilities", str(src / "b" / "clf.tar.gz"))
+  _copy_module("refvars_bn", str(src / ".hidden" / "skipped"))
+  (src / "not_a_module").mkdir()
+  (src / "not_a_module" / "README").write_text("x")
+  found = batch.discover(str(src), str(dst))
+  assert [(os.path.relpath(s.destination, dst), s.kind) for s in found] == [
+      ("a/refvars", "directory"), ("b/clf", "archive")]
+  assert found[0].location == str(src / "a" / "refvars")
+  # DST_ROOT inside SRC_ROOT is not scanned (its hub cache holds TF1 modules).
+  _copy_module("refvars_bn", str(src / "out" / "inner"))
+  assert [os.path.relpath(s.location, src)
+          for s in batch.discover(str(src), str(src / "out"))] == [
+              "a/refvars", "b/clf.tar.gz"]
+  with pytest.raises(errors.InputNotFoundError):
+    batch.discover(str(tmp_path / "missing"), str(dst))
+
+
+def test_manifest_resolves_paths_and_refuses_escapes(tmp_path):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  manifest = tmp_path / "m.csv"
+  manifest.write_text(
+      "source,destination,signature,output_key\n"
+      "mods/a,out/a,image_classification,image_classifier\n"
+      "/abs/b.tar.gz,,,\n"
+      "https://example.org/models/google/x/1,,,\n")
+  found = batch.read_manifest(str(manifest), str(src), str(dst))
+  assert [s.location for s in found] == [
+      str(src / "mods" / "a"), "/abs/b.tar.gz",
+      "https://example.org/models/google/x/1"]
+  assert [s.destination for s in found] == [
+      str(dst / "out" / "a"), str(dst / "b"), str(dst / "x_1")]
+  assert [s.kind for s in found] == ["directory", "directory", "url"]
+  assert (found[0].signature, found[0].output_key) == (
+      "image_classification", "image_classifier")
+  for text, words in [
+      ("source,destination\nm,../escape\n", "inside"),
+      ("source,destination\nm1,same\nm2,same\n", "also on line 2"),
+      ("src,dst\nm,x\n", "expected columns"),
+      ("source,destination\n", "found none")]:
+    manifest.write_text(text)
+    with pytest.raises(batch.ManifestError, match=words) as info:
+      batch.read_manifest(str(manifest), str(src), str(dst))
+    assert info.value.exit_code == errors.ExitCode.USAGE
+
+
+def _tar_with(path: str, members) -> str:
+  with tarfile.open(path, "w:gz") as tar:
+    for info, data in members:
+      tar.addfile(info, io.BytesIO(data) if data is not None else None)
+  return path
+
+
+def _file(name: str, data: bytes = b"x"):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  return info, data
+
+
+def test_archive_extraction_is_safe(tmp_path):
+  good = _make_archive("refvars_bn", str(tmp_path / "good.tar.gz"))
+  module = batch.extract_archive(good, str(tmp_path / "x1"))
+  assert sorted(os.listdir(module)) == sorted(os.listdir(module_path("refvars_bn")))
+  link = tarfile.TarInfo("tfhub_module.pb")
+  link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+  cases = {
+      "traversal": ([_file("../evil")], "outside the archive root"),
+      "absolute": ([_file("/tmp/evil")], "outside the archive root"),
+      "symlink": ([(link, None)], "not a file or directory"),
+      "too_big": ([_file("a", b"x" * 2000)], "more than 1000 bytes"),
+  }
+  for name, (members, words) in cases.items():
+    archive = _tar_with(str(tmp_path / f"{name}.tar.gz"), members)
+    with pytest.raises(errors.CorruptModuleError, match=words):
+      batch.extract_archive(archive, str(tmp_path / f"out_{name}"), max_bytes=1000)
+    assert not os.path.exists(tmp_path / "evil")
+  garbage = tmp_path / "garbage.tar.gz"
+  garbage.write_bytes(b"\x1f\x8b not really gzip")
+  with pytest.raises(errors.CorruptModuleError, match="gzipped tar archive"):
+    batch.extract_archive(str(garbage), str(tmp_path / "out_garbage"))
+
+
+def test_staging_marks_match_export():
+  """clean_stale_files recognizes the names export.py gives its temporaries."""
+  from migrate import export  # pylint: disable=g-import-not-at-top
+  assert set(batch._STAGING_MARKS) == {export._TMP_MARK, export._OLD_MARK}  # pylint: disable=protected-access
+  assert batch.MODEL_CARD_FILENAME == export.MODEL_CARD_FILENAME
+
+
+# -- real batches ----------------------------------------------------------------
+
+def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path):
+  """The whole corpus + a truncated copy + the text module, via the CLI."""
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  good = convertible_fixture_names()
+  for name in good:
+    _copy_module(name, str(src / "corpus" / name))
+  _copy_module("text_module", str(src / "corpus" / "text_module"))
+  _truncated_copy("refvars_bn", str(src / "broken" / "refvars_truncated"))
+  report_json, report_csv = tmp_path / "r.json", tmp_path / "r.csv"
+  proc = _cli("batch", str(src), str(dst), "--jobs=2",
+              f"--report={report_json},{report_csv}")
+  assert proc.returncode == errors.ExitCode.BATCH_FAILURES, proc.stderr
+  report = json.loads(report_json.read_text())
+  modules = _by_dest(report)
+  assert report["counts"] == {"total": len(good) + 2, "converted": len(good),
+                              "skipped (up to date)": 0, "failed": 2}
+  for name in good:
+    m = modules[f"corpus/{name}"]
+    assert m["status"] == "converted", m
+    assert m["parity_passed"] is True and m["parity_checks"] >= 10, m
+    assert m["parity_failures"] == 0 and "parity passed" in m["parity_summary"]
+    assert m["stage_seconds"]["verify"] > 0 and m["seconds"] > 0
+    _assert_complete_model(str(dst / "corpus" / name))
+  text = modules["corpus/text_module"]
+  assert (text["status"], text["exit_code"]) == ("failed", errors.ExitCode.UNSUPPORTED)
+  assert "text module" in text["error"]
+  broken = modules["broken/refvars_truncated"]
+  assert (broken["status"], broken["exit_code"]) == ("failed", errors.ExitCode.CORRUPT)
+  assert "saved_model.pb" in broken["error"] and "\n" not in broken["error"]
+  assert not os.path.exists(dst / "corpus" / "text_module")
+  assert not os.path.exists(dst / "broken"), "no output (or empty dir) for a failure"
+  # The summary table names every module; failures say why, on stderr too.
+  for name in good:
+    assert f"corpus/{name}" in proc.stdout
+  assert "2 failed" in proc.stdout
+  assert "FAILED" in proc.stderr and "text module" in proc.stderr
+  with open(report_csv, newline="", encoding="utf-8") as f:
+    rows = {os.path.relpath(r["destination"], dst): r for r in csv.DictReader(f)}
+  assert rows["broken/refvars_truncated"]["exit_code"] == "6"
+  assert int(rows[f"corpus/{good[0]}"]["parity_checks"]) >= 10
+  _load_and_call([str(dst / "corpus" / good[0]), str(dst / "corpus" / good[-1])])
+  assert _leftovers(str(dst)) == []
+  state_before = _state(str(dst))
+
+  # Rerun: the converted ones are up to date (no worker, no rewrite), the
+  # failed ones are retried and fail the same way.
+  mtimes = {n: os.stat(dst / "corpus" / n / "saved_model.pb").st_mtime_ns for n in good}
+  proc = _cli("batch", str(src), str(dst), "--jobs=2", f"--report={report_json}")
+  assert proc.returncode == errors.ExitCode.BATCH_FAILURES, proc.stderr
+  report = json.loads(report_json.read_text())
+  modules = _by_dest(report)
+  assert report["counts"]["skipped (up to date)"] == len(good)
+  assert report["counts"]["converted"] == 0 and report["counts"]["failed"] == 2
+  for name in good:
+    m = modules[f"corpus/{name}"]
+    assert m["status"] == "skipped (up to date)" and m["seconds"] == 0
+    assert m["parity_checks"] >= 10, "the skip reports the recorded parity"
+    assert os.stat(dst / "corpus" / name / "saved_model.pb").st_mtime_ns == mtimes[name]
+  state_after = _state(str(dst))
+  for name in good:
+    assert state_after[f"corpus/{name}"] == state_before[f"corpus/{name}"]
+  assert state_after["corpus/text_module"]["finished_at"] >= state_before[
+      "corpus/text_module"]["finished_at"]
+
+
+def _children(pid: int) -> set[int]:
+  found = set()
+  for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+      with open(f"/proc/{pid}/task/{task}/children", encoding="utf-8") as f:
+        found.update(int(c) for c in f.read().split())
+    except OSError:
+      pass
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  for name in SMALL:
+    _copy_module(name, str(src / name))
+  _make_archive("refvars_bn", str(src / "archives" / "refvars.tar.gz"))
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "migrate.cli", "batch", str(src), str(dst), "--jobs=2"],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  workers: set[int] = set()
+  state = dst / batch.STATE_FILENAME
+  deadline = time.monotonic() + 600
+  try:
+    # Kill it after the first module is recorded, while others are running,
+    # preferably while one is staging its output beside its DST.
+    recorded_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+      workers |= _children(proc.pid)
+      if state.exists() and _children(proc.pid):
+        recorded_at = recorded_at or time.monotonic()
+        staging = [p for p in _leftovers(str(dst)) if ".migrate-tmp-" in p]
+        if staging or time.monotonic() - recorded_at > 5:
+          break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the batch finished before it could be killed"
+    workers |= _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert workers, "the batch ran its modules in worker processes"
+  deadline = time.monotonic() + 30
+  while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert not any(_alive(w) for w in workers), "workers die with the batch"
+  recorded = _state(str(dst))
+  assert 1 <= len(recorded) < 4
+  present = [p for p in (dst / n for n in SMALL + ("archives/refvars",)) if p.exists()]
+  for path in present:  # Nothing half-written: what exists is complete.
+    _assert_complete_model(str(path))
+  _load_and_call([str(p) for p in present])
+
+  proc2 = _cli("batch", str(src), str(dst), "--jobs=2", f"--report={tmp_path / 'r.json'}")
+  assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+  report = json.loads((tmp_path / "r.json").read_text())
+  statuses = {os.path.relpath(m["destination"], dst): m["status"]
+              for m in report["modules"]}
+  assert set(statuses) == {"classifier_probabilities", "inference_only_asset",
+                           "refvars_bn", "archives/refvars"}
+  for rel, status in statuses.items():
+    assert status == ("skipped (up to date)" if rel in recorded else "converted"), rel
+  for rel in statuses:
+    _assert_complete_model(str(dst / rel))
+  assert _leftovers(str(dst)) == []
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args):  # pylint: disable=arguments-differ
+    pass
+
+
+def test_manifest_with_url_archive_and_per_row_options(tmp_path):
+  """URLs go through hub.resolve (cache under DST_ROOT), archives are extracted."""
+  served = tmp_path / "served"
+  _make_archive("inference_only_asset", str(served / "iao.tar.gz"))
+  _make_archive("refvars_bn", str(tmp_path / "src" / "refvars.tar.gz"))
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  manifest = tmp_path / "m.csv"
+  manifest.write_text(
+      "source,destination,signature,output_key\n"
+      f"{base}/iao.tar.gz,web/iao,,\n"
+      f"{base}/missing.tar.gz,web/missing,,\n"
+      # Its default signature would be image_feature_vector.
+      "refvars.tar.gz,refvars_classes,image_classification,\n")
+  dst = tmp_path / "dst"
+  progress = []
+  try:
+    sources = batch.read_manifest(str(manifest), str(tmp_path / "src"), str(dst))
+    report = batch.run_batch(sources, str(dst), jobs=2, on_progress=progress.append)
+  finally:
+    server.shutdown()
+    server.server_close()
+  outcomes = {os.path.relpath(m.destination, dst): m for m in report.modules}
+  web = outcomes["web/iao"]
+  assert (web.status, web.kind, web.parity_passed) == ("converted", "url", True), web
+  assert web.source_sha256
+  missing = outcomes["web/missing"]
+  assert (missing.status, missing.exit_code) == ("failed", errors.ExitCode.NOT_FOUND)
+  assert "404" in missing.error and missing.error.startswith(base), missing.error
+  classes = outcomes["refvars_classes"]
+  assert (classes.status, classes.signature, classes.output_key) == (
+      "converted", "image_classification", "default"), classes
+  assert report.exit_code == errors.ExitCode.BATCH_FAILURES
+  cache = dst / batch.WORK_DIRNAME / "tfhub_cache"
+  assert cache.is_dir() and os.listdir(cache), "downloads are cached under DST_ROOT"
+  card = (dst / "web" / "iao" / "MODEL_CARD.md").read_text()
+  assert f"`{base}/iao.tar.gz`" in card, "the card names the URL, not a temp dir"
+  card = (dst / "refvars_classes" / "MODEL_CARD.md").read_text()
+  assert f"`{tmp_path / 'src' / 'refvars.tar.gz'}`" in card
+  events = [p.event for p in progress]
+  assert events[0] == "planned" and events.count("finished") == 3
+  final = [p for p in progress if p.event == "finished"][-1]
+  assert (final.done, final.total, final.converted, final.failed) == (3, 3, 2, 1)
+  assert _leftovers(str(dst)) == []
+  _load_and_call([str(dst / "refvars_classes")])
+
+  # The server is gone: the URL module is still up to date (from the cache).
+  report = batch.run_batch(sources[:1], str(dst), jobs=1)
+  assert report.modules[0].status == batch.STATUS_SKIPPED, report.modules[0]
+  assert report.exit_code == 0
+
+
+def test_a_killed_worker_or_a_timeout_costs_only_that_module(tmp_path):
+  """A worker killed (as by the OOM killer) and a hang -> exit 11/12, others go on."""
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  for name in ("classifier_probabilities", "refvars_bn"):
+    _copy_module(name, str(src / name))
+  sources = batch.discover(str(src), str(dst))
+  killed = []
+  done = threading.Event()
+
+  def killer():
+    while not done.is_set():
+      import multiprocessing  # pylint: disable=g-import-not-at-top
+      children = multiprocessing.active_children()
+      if children and not killed:
+        time.sleep(1.0)
+        children[0].kill()
+        killed.append(children[0].pid)
+        return
+      time.sleep(0.05)
+
+  thread = threading.Thread(target=killer, daemon=True)
+  thread.start()
+  try:
+    report = batch.run_batch(sources, str(dst), jobs=1)
+  finally:
+    done.set()
+    thread.join()
+  assert killed
+  statuses = sorted((m.status, m.exit_code) for m in report.modules)
+  assert statuses == [("converted", 0), ("failed", errors.ExitCode.CRASHED)], report.format_table()
+  crashed = report.failures[0]
+  assert "SIGKILL" in crashed.error and not os.path.exists(crashed.destination)
+  assert report.exit_code == errors.ExitCode.BATCH_FAILURES
+
+  # A hang: the per-module timeout stops the worker; the rerun retries it.
+  shutil.rmtree(dst)
+  report = batch.run_batch(sources[:1], str(dst), jobs=1, timeout=1)
+  m = report.modules[0]
+  assert (m.status, m.exit_code) == ("failed", errors.ExitCode.TIMEOUT), m
+  assert not os.path.exists(m.destination) and _leftovers(str(dst)) == []
+  assert _state(str(dst))[os.path.basename(m.destination)]["status"] == "failed"
+
+
+def test_changed_source_is_reconverted_in_place(tmp_path):
+  """A source whose content changed since it was converted is converted again."""
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  _copy_module("inference_only_asset", str(src / "m"))
+  sources = batch.discover(str(src), str(dst))
+  first = batch.run_batch(sources, str(dst), jobs=1).modules[0]
+  assert first.status == "converted"
+  with open(src / "m" / "extra_notes.txt", "w", encoding="utf-8") as f:
+    f.write("changed\n")
+  second = batch.run_batch(sources, str(dst), jobs=1).modules[0]
+  assert second.status == "converted" and second.source_sha256 != first.source_sha256
+  third = batch.run_batch(sources, str(dst), jobs=1).modules[0]
+  assert third.status == batch.STATUS_SKIPPED
+  # Other options: not up to date either (an unknown signature fails; the
+  # converted model stays).
+  other = batch.run_batch(sources, str(dst), jobs=1,
+                          options=batch.ConvertOptions(signature="no_such_signature"))
+  assert other.modules[0].status == "failed"
+  assert other.modules[0].exit_code == errors.ExitCode.UNSUPPORTED
+  _assert_complete_model(str(dst / "m"))
+
+
+def test_a_second_batch_on_the_same_dst_is_refused(tmp_path):
+  dst = tmp_path / "dst"
+  os.makedirs(dst / batch.WORK_DIRNAME)
+  lock = batch._RunLock(str(dst / batch.WORK_DIRNAME))  # pylint: disable=protected-access
+  try:
+    with pytest.raises(errors.OutputError, match="found one running"):
+      batch.run_batch([], str(dst))
+  finally:
+    lock.release()
+  assert batch.run_batch([], str(dst)).exit_code == 0
