@@ -196,7 +196,9 @@ def _read_module_def(path: str) -> ModuleDef:
 
 def _check_is_hub_module(path: str) -> None:
   if not os.path.exists(path):
-    raise errors.InputNotFoundError(f"{path}: no such file or directory")
+    raise errors.InputNotFoundError(
+        f"{path}: expected a TF1 Hub module directory, found nothing (no such "
+        f"file or directory)")
   if not os.path.isdir(path):
     raise errors.InputNotFoundError(
         f"{path}: expected a TF1 Hub module directory, found a file")
@@ -260,8 +262,26 @@ def _tensor_info(info: meta_graph_pb2.TensorInfo, where: str) -> TensorSpecInfo:
   else:
     shape = tuple(d.size if d.size >= 0 else None
                   for d in info.tensor_shape.dim)
-  return TensorSpecInfo(tensor_name=info.name, dtype=tf.as_dtype(info.dtype),
-                        shape=shape)
+  try:
+    dtype = tf.as_dtype(info.dtype)
+  except TypeError:
+    raise errors.CorruptModuleError(
+        f"{where}: expected a TensorFlow dtype, found enum value "
+        f"{info.dtype}") from None
+  return TensorSpecInfo(tensor_name=info.name, dtype=dtype, shape=shape)
+
+
+def _check_tensors_exist(mg: meta_graph_pb2.MetaGraphDef, name: str,
+                        sig: Signature, where: str) -> None:
+  """Each input and output names a node of the graph ("node:index")."""
+  nodes = {n.name for n in mg.graph_def.node}
+  for kind, infos in (("input", sig.inputs), ("output", sig.outputs)):
+    for key, info in infos.items():
+      node, _, index = info.tensor_name.partition(":")
+      if node not in nodes or (index and not index.isdigit()):
+        raise errors.CorruptModuleError(
+            f"{where} signature '{name}' {kind} '{key}': expected a tensor of "
+            f"the graph, found '{info.tensor_name}', which is not in it")
 
 
 def _signatures(mg: meta_graph_pb2.MetaGraphDef,
@@ -274,6 +294,7 @@ def _signatures(mg: meta_graph_pb2.MetaGraphDef,
                 for k, v in sorted(sig.inputs.items())},
         outputs={k: _tensor_info(v, f"{where} signature '{name}' output '{k}'")
                  for k, v in sorted(sig.outputs.items())})
+    _check_tensors_exist(mg, name, result[name], where)
   return result
 
 
@@ -330,17 +351,40 @@ def _attachments(mg: meta_graph_pb2.MetaGraphDef, where: str) -> dict[str, bytes
   return result
 
 
-def _asset_files(mg: meta_graph_pb2.MetaGraphDef) -> dict[str, str]:
+def _check_asset_name(path: str, filename: str, where: str) -> str:
+  """An asset is a file directly in SRC/assets/, never a path out of it."""
+  assets = os.path.realpath(os.path.join(path, "assets"))
+  target = os.path.realpath(os.path.join(assets, filename))
+  if (not filename or os.path.isabs(filename) or os.sep in filename or
+      (os.altsep and os.altsep in filename) or filename in (".", "..") or
+      os.path.dirname(target) != assets):
+    raise errors.CorruptModuleError(
+        f"{where}: expected an asset file name inside assets/, found "
+        f"{filename!r} (an asset may not refer to a file outside the module)")
+  return filename
+
+
+def _asset_files(mg: meta_graph_pb2.MetaGraphDef, path: str,
+                 where: str) -> dict[str, str]:
   result = {}
   for asset in mg.asset_file_def:
-    result[asset.tensor_info.name] = asset.filename
+    result[asset.tensor_info.name] = _check_asset_name(path, asset.filename,
+                                                       where)
   # Before asset_file_def existed, SavedModels listed assets in a collection.
   coll = mg.collection_def.get("saved_model_assets")
   if coll is not None:
     for raw in coll.any_list.value:
       asset = meta_graph_pb2.AssetFileDef()
-      raw.Unpack(asset)
-      result[asset.tensor_info.name] = asset.filename
+      try:
+        unpacked = raw.Unpack(asset)
+      except pb_message.DecodeError:
+        unpacked = False
+      if not unpacked:
+        raise errors.CorruptModuleError(
+            f"{where}: expected AssetFileDef messages in collection "
+            f"'saved_model_assets', found {raw.type_url or 'an empty Any'}")
+      result[asset.tensor_info.name] = _check_asset_name(path, asset.filename,
+                                                         where)
   return result
 
 
@@ -369,7 +413,7 @@ def read_module(path: str) -> LegacyModule:
         update_ops=_node_list(mg, tf.compat.v1.GraphKeys.UPDATE_OPS),
         regularization_losses=_node_list(
             mg, tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES),
-        asset_files=_asset_files(mg))
+        asset_files=_asset_files(mg, path, where))
     attachments.update(_attachments(mg, where))
   if INFERENCE_TAGS not in variants:
     found = ", ".join(str(sorted(t)) for t in variants)
