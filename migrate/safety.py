@@ -33,7 +33,10 @@ UNSAFE_OPS: dict[str, str] = {
         "WriteRawProtoSummary", "FlushSummaryWriter", "ImportEvent",
         "RecordInput", "LoadAndRemapMatrix", "GenerateVocabRemapping",
         "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3",
-        "DebugNanCount", "DebugNumericSummary", "DebugNumericSummaryV2")},
+        "DebugNanCount", "DebugNumericSummary", "DebugNumericSummaryV2",
+        "DumpTensor", "CalibrationStatisticsSaver", "DistributedSave",
+        "DTensorRestoreV2", "FileSystemSetConfiguration",
+        "CloseSummaryWriter", "StatsAggregatorSetSummaryWriter")},
     **{op: "Python process" for op in ("PyFunc", "PyFuncStateless",
                                        "EagerPyFunc")},
     **{op: "network" for op in (
@@ -45,12 +48,35 @@ UNSAFE_OPS: dict[str, str] = {
         "CollectiveReduceV2", "CollectiveGatherV2", "CollectiveBcastSendV2",
         "CollectiveBcastRecvV2", "CollectiveAllToAllV2",
         "CollectiveAllToAllV3", "NcclAllReduce", "BigQueryReader",
-        "GenerateBigQueryReaderPartitions")},
+        "GenerateBigQueryReaderPartitions", "RemoteFusedGraphExecute",
+        "CollectivePermute", "CollectiveReduceV3", "CollectiveReduceScatterV2",
+        "CollectiveAssignGroupV2", "CollectiveInitializeCommunicator",
+        "NcclReduce", "NcclBroadcast", "TPUExecute",
+        "TPUExecuteAndUpdateVariables", "ShutdownTPUSystem",
+        "_DisconnectHostFromDistributedTPUSystem", "GcsConfigureCredentials",
+        "GcsConfigureBlockCache")},
 }
+# The SavedModel's own checkpoint ops: exempt only inside the scope of the
+# MetaGraph's SaverDef (never run by this tool; TF1 loaders run them).
+_CHECKPOINT_OPS = frozenset({
+    "Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
+    "MergeV2Checkpoints"})
+# What PrintV2 may print to; anything else ("file://...") writes a file.
+_PRINT_STREAMS = frozenset({"", "stderr", "stdout", "log(info)", "log(warning)",
+                            "log(error)"})
 # Op name fragments: input pipelines read files or sockets.
 _UNSAFE_FRAGMENTS = (("Dataset", "input pipeline"), ("Iterator", "input pipeline"),
-                     ("Reader", "file system"))
-_ALLOWED_WITH_FRAGMENT = frozenset({"ReaderNumRecordsProduced"})
+                     ("Reader", "file system"), ("Summary", "file system"),
+                     ("Send", "network"), ("Recv", "network"),
+                     ("Collective", "network"), ("Nccl", "network"),
+                     ("Rpc", "network"), ("Infeed", "network"),
+                     ("Outfeed", "network"), ("PyFunc", "Python process"))
+# Summary ops that only build a Summary protocol buffer in memory.
+_IN_MEMORY_SUMMARIES = frozenset({
+    "AudioSummary", "AudioSummaryV2", "HistogramSummary", "ImageSummary",
+    "MergeSummary", "ScalarSummary", "TensorSummary", "TensorSummaryV2",
+    "BoostedTreesMakeStatsSummary"})
+_ALLOWED_WITH_FRAGMENT = frozenset({"ReaderNumRecordsProduced"}) | _IN_MEMORY_SUMMARIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +92,7 @@ def _classify(node) -> str | None:
     return UNSAFE_OPS[node.op]
   if node.op == "PrintV2":
     stream = node.attr["output_stream"].s.decode(errors="replace")
-    if not stream.startswith(("stderr", "stdout", "log(")):
-      return "file system"
-    return None
+    return None if stream in _PRINT_STREAMS else "file system"
   for fragment, reaches in _UNSAFE_FRAGMENTS:
     if fragment in node.op and node.op not in _ALLOWED_WITH_FRAGMENT:
       return reaches
@@ -93,7 +117,8 @@ def find_unsafe_ops(module: legacy_format.LegacyModule) -> list[UnsafeOp]:
       reaches = _classify(node)
       if reaches is None:
         continue
-      if scope and node.name.startswith(scope) and reaches == "file system":
+      if (scope and node.name.startswith(scope) and
+          node.op in _CHECKPOINT_OPS):
         continue  # The SavedModel's own checkpoint Save/Restore.
       found.append(UnsafeOp(node.name, node.op, reaches, tag_tuple))
     for function in graph_def.library.function:
