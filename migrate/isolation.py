@@ -16,6 +16,7 @@ import ctypes
 import importlib
 import multiprocessing
 import os
+import pickle
 import signal
 import traceback
 from typing import Any, Callable, Optional, Union
@@ -60,9 +61,15 @@ def _resolve(target: Union[str, Callable[..., Any]]) -> Callable[..., Any]:
   return getattr(importlib.import_module(module_name), attr)
 
 
-def _child(conn, fn, args, kwargs) -> None:
+def _child(conn, parent_pid: int, work: bytes) -> None:
+  # The work is unpickled only here, after PR_SET_PDEATHSIG: unpickling a
+  # callable imports its module (TensorFlow: seconds), and a parent killed
+  # during that time would leave an orphan that goes on to write DST.
   _die_with_parent()
+  if os.getppid() != parent_pid:
+    os._exit(70)  # The parent is already gone: do nothing.
   try:
+    fn, args, kwargs = pickle.loads(work)
     result = _resolve(fn)(*args, **kwargs)
     conn.send(("ok", result))
   except errors.MigrationError as e:
@@ -94,7 +101,8 @@ def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
   """
   ctx = multiprocessing.get_context("spawn")
   parent_conn, child_conn = ctx.Pipe(duplex=False)
-  process = ctx.Process(target=_child, args=(child_conn, fn, args, kwargs),
+  work = pickle.dumps((fn, args, kwargs))
+  process = ctx.Process(target=_child, args=(child_conn, os.getpid(), work),
                         daemon=True)
   if quiet:
     _start_with_quiet_stderr(process)
