@@ -88,7 +88,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   try:
     reader = tf.train.load_checkpoint(module.checkpoint_prefix)
     shapes = reader.get_variable_to_shape_map()
-  except (tf.errors.OpError, ValueError) as e:
+  except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
         f"{type(e).__name__}: {_first_line(e)}") from None
@@ -108,7 +108,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
           f"checkpoint, {shape.as_list()} in the graph")
     try:
       value = reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError) as e:
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
       raise errors.CorruptModuleError(
           f"{module.checkpoint_prefix}: expected a value for variable '{name}', "
           f"found {type(e).__name__}: {_first_line(e)}") from None
