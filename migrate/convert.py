@@ -155,6 +155,10 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   if not os.path.isfile(os.path.join(new, legacy_format.SAVED_MODEL_FILENAME)):
     raise errors.NotAHubModuleError(
         f"{new}: expected a converted SavedModel (saved_model.pb), found none")
+  if os.path.isfile(os.path.join(new, legacy_format.MODULE_DEF_FILENAME)):
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a converted SavedModel, found a TF1 Hub module "
+        f"({legacy_format.MODULE_DEF_FILENAME}); convert it first")
   return verify_lib.verify(old, new)
 
 
