@@ -411,7 +411,11 @@ class ReferenceModule:
       random_values = {}
     before = g.read_variables()
     if probe is None:
-      shape = self._output_shape(g.session.run(target, feed), shaped_like)
+      static = (shaped_like if shaped_like is not None else target).shape
+      if static.rank is not None and static[1:].is_fully_defined():
+        shape = (images.shape[0], *static.as_list()[1:])
+      else:
+        shape = self._output_shape(g.session.run(target, feed), shaped_like)
       probe = np.random.RandomState(seed + 1).standard_normal(shape).astype(
           np.float32)
     feed[probe_ph] = probe
