@@ -1,0 +1,176 @@
+"""Killing a conversion never leaves a partial model (issue #6).
+
+The CLI (or its worker process) is sent SIGKILL at seeded random moments over
+a conversion of the smallest fixture. After each kill DST is either absent or
+a complete model (loadable; the first one seen must pass `verify`), no process
+of the killed run survives, and a later run cleans the temporary directories
+the kills left and succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import bad_inputs as bi
+
+FIXTURE = "inference_only_asset"  # 64 KB, the smallest image module.
+SEED = 6
+TRIALS = 12
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(p) for p in f.read().split()]
+  except OSError:
+    return []
+
+
+def _descendants(pid: int) -> list[int]:
+  result, todo = [], [pid]
+  while todo:
+    for child in _children(todo.pop()):
+      result.append(child)
+      todo.append(child)
+  return result
+
+
+def _cmdline(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().replace(b"\0", b" ").decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _worker(pid: int):
+  """The spawned conversion worker of CLI process `pid` (not the resource tracker)."""
+  for child in _children(pid):
+    line = _cmdline(child)
+    if "spawn_main" in line and "resource_tracker" not in line:
+      return child
+  return None
+
+
+def _check_dst(dst: str) -> str:
+  """'absent' or 'complete'; fails on anything partial."""
+  if not os.path.lexists(dst):
+    return "absent"
+  names = sorted(os.listdir(dst))
+  for required in ("saved_model.pb", "variables", "MODEL_CARD.md", "assets"):
+    assert required in names, f"partial DST {dst}: {names}"
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  obj = tf.saved_model.load(dst)
+  assert obj(tf.zeros([2, 32, 32, 3])).shape == (2, 10)
+  return "complete"
+
+
+def test_sigkill_at_random_moments_leaves_dst_absent_or_complete(tmp_path):
+  src = bi.copy_fixture(FIXTURE, str(tmp_path / "src"))
+  digest = bi.tree_digest(src)
+  dst = str(tmp_path / "out")
+  # Calibrate: how long one whole run takes on this machine now.
+  calibration = bi.run_cli([src, str(tmp_path / "calibration")])
+  assert calibration.returncode == 0, calibration.describe()
+  rng = random.Random(SEED)
+  # Spread over a run: worker start-up, READ/BUILD, EXPORT, VERIFY, commit.
+  delays = sorted(rng.uniform(0.2, calibration.seconds) for _ in range(TRIALS))
+  outcomes = []
+  verified_once = False
+  start_all = time.monotonic()
+  for i, delay in enumerate(delays):
+    target = "cli" if i % 2 == 0 else "worker"
+    proc = subprocess.Popen(bi.cli_command([src, dst]), cwd=bi.REPO,
+                            env=bi.cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + delay
+    worker = None
+    while time.monotonic() < deadline and proc.poll() is None:
+      worker = _worker(proc.pid) or worker
+      time.sleep(0.05)
+    killed = "nothing (finished first)"
+    family = _descendants(proc.pid)
+    if proc.poll() is None:
+      if target == "worker" and _worker(proc.pid):
+        os.kill(_worker(proc.pid), signal.SIGKILL)
+        killed = "worker"
+      else:
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = "cli"
+    out, err = proc.communicate(timeout=120)
+    # No process of the run survives it (the worker dies with the CLI).
+    end = time.monotonic() + 10
+    while any(_alive(p) for p in family) and time.monotonic() < end:
+      time.sleep(0.1)
+    survivors = [p for p in family if _alive(p)]
+    assert not survivors, [(p, _cmdline(p)) for p in survivors]
+    state = _check_dst(dst)
+    if killed == "worker" and proc.returncode == 0:
+      killed = "worker (after it had sent its result)"
+      assert state == "complete"
+    elif killed == "worker":
+      assert proc.returncode == 11, (proc.returncode, err)
+      lines = err.splitlines()
+      assert len(lines) == 1 and "killed by SIGKILL" in lines[0], err
+      assert "nothing was written" in lines[0]
+      assert state == "absent"
+    elif killed == "nothing (finished first)":
+      assert proc.returncode == 0, err
+    assert "Traceback" not in out + err
+    outcomes.append((round(delay, 2), killed, state))
+    if state == "complete":
+      if not verified_once:
+        run = bi.run_cli(["verify", src, dst])
+        assert run.returncode == 0 and "PASSED" in run.stdout, run.describe()
+        verified_once = True
+      subprocess.run(["rm", "-rf", dst], check=True)
+    assert bi.tree_digest(src) == digest, "SRC modified"
+  print(f"one run: {calibration.seconds:.1f}s; kill outcomes (delay s, killed, "
+        f"DST): {outcomes}",
+        f"in {time.monotonic() - start_all:.0f}s")
+  assert any(k != "nothing (finished first)" for _, k, _ in outcomes)
+
+  # The next run cleans what the kills left, and succeeds.
+  run = bi.run_cli([src, dst, "--noverify"])
+  assert run.returncode == 0, run.describe()
+  assert _check_dst(dst) == "complete"
+  assert not bi.leftovers_beside(dst), bi.leftovers_beside(dst)
+  assert bi.tree_digest(src) == digest
+
+
+def test_killed_during_worker_start_leaves_no_orphan(tmp_path):
+  """The worker imports TensorFlow for seconds; the CLI killed then must not
+  leave it to convert and write DST later."""
+  src = bi.copy_fixture(FIXTURE, str(tmp_path / "src"))
+  dst = str(tmp_path / "out")
+  proc = subprocess.Popen(bi.cli_command([src, dst]), cwd=bi.REPO,
+                          env=bi.cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  end = time.monotonic() + 30
+  while _worker(proc.pid) is None and time.monotonic() < end:
+    time.sleep(0.01)
+  worker = _worker(proc.pid)
+  if worker is None:
+    pytest.skip("the worker did not start")
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  end = time.monotonic() + 30
+  while _alive(worker) and time.monotonic() < end:
+    time.sleep(0.1)
+  assert not _alive(worker), "the worker outlived the killed CLI"
+  time.sleep(1)
+  assert not os.path.lexists(dst)
