@@ -45,7 +45,7 @@ from migrate import reference as reference_lib
 from migrate import tolerances
 
 CheckResult = compare_lib.CheckResult
-BATCH_SIZES = (1, 3)
+BATCH_SIZES = (1, 2)
 TRAIN_BATCH = 2
 FALLBACK_IMAGE_SIZE = (32, 32)
 SECOND_RESOLUTION_DELTA = (8, 16)
@@ -409,8 +409,8 @@ class _Verifier:
     """Every TF1 signature and output key against the serving signatures.
 
     `serving_default` runs on every batch tag; the others (which compute the
-    same function with other outputs selected) on the largest batch only, to
-    keep verification cheap for big modules.
+    same function with other outputs selected) on one image only, to keep
+    verification cheap for big modules.
     """
     sigs = self.module.inference.signatures
     defaults = self.hparam_defaults(self.module.inference.graph_def)
@@ -432,7 +432,7 @@ class _Verifier:
       expected: dict[str, dict[str, np.ndarray]] = {}
       tags = self.tags(sig)
       if name != "serving_default":
-        tags = [t for t in tags if t[0].startswith(f"b{max(BATCH_SIZES)}_")]
+        tags = tags[:1]  # Batch 1 at the default resolution.
       for tag, x in tags:
         inputs = {"images": x}
         for key, info in sig.inputs.items():
@@ -650,7 +650,11 @@ class _Verifier:
 
   def check_regularization(self) -> None:
     ref_values, ref_total = self.ref.regularization_losses()
-    new_values = [float(f()) for f in self.new.regularization_losses]
+    losses = list(self.new.regularization_losses)
+    # One traced call instead of one eager call (and function instantiation)
+    # per loss: ResNet-v2-50 has 54.
+    new_values = ([float(v) for v in tf.function(lambda: [f() for f in losses])()]
+                  if losses else [])
     self.add(compare_lib.check(
         "regularization/count", len(new_values) == len(ref_values),
         f"{len(new_values)} regularization losses, the module has "
