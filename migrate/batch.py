@@ -143,13 +143,6 @@ def _kind(location: str) -> str:
   return KIND_DIRECTORY
 
 
-def _is_module_dir(path: str, filenames: Iterable[str]) -> bool:
-  del path
-  # tfhub_module.pb marks a TF1 Hub module; one missing saved_model.pb is
-  # still reported (as broken), not silently passed over.
-  return MODULE_DEF_FILENAME in filenames
-
-
 def discover(src_root: str, dst_root: str) -> list[Source]:
   """Finds TF1 Hub modules under `src_root`: a mirrored tree under `dst_root`.
 
@@ -460,7 +453,7 @@ def convert_in_worker(item: WorkItem) -> dict[str, Any]:
 
 # -- outcomes, report ------------------------------------------------------------
 
-def _now() -> str:
+def now_iso() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -709,7 +702,7 @@ def clean_stale_files(dst_root: str, destinations: Iterable[str]) -> list[str]:
   return removed
 
 
-class _RunLock:
+class RunLock:
   """One batch at a time per DST_ROOT (flock; released when the process dies)."""
 
   def __init__(self, work_dir: str):
@@ -777,8 +770,12 @@ def _one_line(error: BaseException) -> str:
   return text or type(error).__name__
 
 
-class _Batch:
-  """The state of one `run_batch` call, shared by its worker threads."""
+class BatchRunner:
+  """One batch over DST_ROOT: plans, converts (in workers), records.
+
+  Shared by the worker threads of `run_batch` and used by the Beam DoFn
+  (`migrate.beam_pipeline`), which converts but does not record.
+  """
 
   def __init__(self, dst_root: str, *, jobs: int, timeout: Optional[float],
                options: ConvertOptions, on_progress, quiet: bool,
@@ -889,6 +886,21 @@ class _Batch:
     if self.cancelled.is_set():
       return None
     self.emit("started", module=source.location)
+    outcome = self.convert(source, sha)
+    if self.cancelled.is_set():
+      return None  # Interrupted: not recorded, redone by the next run.
+    self.record(source, outcome)
+    self.emit("finished", module=source.location, outcome=outcome)
+    return outcome
+
+  def record(self, source: Source, outcome: ModuleOutcome) -> None:
+    if outcome.status != STATUS_SKIPPED:
+      record = dataclasses.asdict(outcome)
+      record["options"] = self.fingerprint(source)
+      self.state.put(source.destination, record)
+
+  def convert(self, source: Source, sha: Optional[str]) -> ModuleOutcome:
+    """Converts one module in a worker process (no state, no progress)."""
     began = time.monotonic()
     outcome = ModuleOutcome(source=source.location,
                             destination=source.destination, kind=source.kind,
@@ -960,16 +972,46 @@ class _Batch:
           os.rmdir(path)
         except OSError:
           break
-    if self.cancelled.is_set():
-      return None  # Interrupted: not recorded, redone by the next run.
     if outcome.status != STATUS_SKIPPED:
       outcome.seconds = round(time.monotonic() - began, 3)
-      outcome.finished_at = _now()
-      record = dataclasses.asdict(outcome)
-      record["options"] = self.fingerprint(source)
-      self.state.put(source.destination, record)
-    self.emit("finished", module=source.location, outcome=outcome)
+      outcome.finished_at = now_iso()
     return outcome
+
+  def plan(self, sources: Sequence[Source]):
+    """Hashes local sources; -> (outcomes known now by index, [(i, source, sha, size)])."""
+    def one(source: Source):
+      if source.kind == KIND_URL:
+        return None, 0, None
+      if not os.path.exists(source.location):
+        return None, 0, errors.InputNotFoundError(
+            f"{source.location}: no such file or directory")
+      try:
+        return source_sha256(source.location, source.kind), _source_size(source), None
+      except OSError as e:
+        return None, 0, errors.InputNotFoundError(
+            f"{source.location}: expected a readable module, found "
+            f"{type(e).__name__}: {e}")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as hashers:
+      planned = list(hashers.map(one, sources))
+    outcomes: dict[int, ModuleOutcome] = {}
+    todo = []
+    for i, (source, (sha, size, error)) in enumerate(zip(sources, planned)):
+      if error is not None:
+        outcomes[i] = ModuleOutcome(
+            source=source.location, destination=source.destination,
+            kind=source.kind, status=STATUS_FAILED,
+            exit_code=int(error.exit_code), error=_one_line(error),
+            finished_at=now_iso())
+        self.record(source, outcomes[i])
+        continue
+      record = self.up_to_date(source, sha)
+      if record is not None:
+        outcomes[i] = self.skipped_outcome(source, record)
+        continue
+      todo.append((i, source, sha, size))
+    # Largest first: the long modules start early, the short ones fill in.
+    todo.sort(key=lambda t: -t[3])
+    return outcomes, todo
 
 
 def _kill_workers() -> None:
@@ -1005,53 +1047,25 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   dst_root = os.path.abspath(dst_root)
   if threads_per_worker is None:
     threads_per_worker = max(1, default_jobs() // jobs)
-  started_at = _now()
+  started_at = now_iso()
   try:
     os.makedirs(os.path.join(dst_root, WORK_DIRNAME), exist_ok=True)
   except OSError as e:
     raise errors.OutputError(f"{dst_root}: expected a writable output "
                              f"directory, found {type(e).__name__}: {e}") from None
-  run_lock = _RunLock(os.path.join(dst_root, WORK_DIRNAME))
-  batch = _Batch(dst_root, jobs=jobs, timeout=timeout, options=options,
+  run_lock = RunLock(os.path.join(dst_root, WORK_DIRNAME))
+  batch = BatchRunner(dst_root, jobs=jobs, timeout=timeout, options=options,
                  on_progress=on_progress, quiet=quiet,
                  threads_per_worker=threads_per_worker,
                  max_archive_bytes=max_archive_bytes)
   try:
     clean_stale_files(dst_root, [s.destination for s in sources])
-    outcomes: dict[int, ModuleOutcome] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as hashers:
-      def plan(source: Source):
-        if source.kind == KIND_URL:
-          return None, 0, None
-        if not os.path.exists(source.location):
-          return None, 0, errors.InputNotFoundError(
-              f"{source.location}: no such file or directory")
-        try:
-          return source_sha256(source.location, source.kind), _source_size(source), None
-        except OSError as e:
-          return None, 0, errors.InputNotFoundError(
-              f"{source.location}: expected a readable module, found "
-              f"{type(e).__name__}: {e}")
-      planned = list(hashers.map(plan, sources))
-    todo = []
-    for i, (source, (sha, size, error)) in enumerate(zip(sources, planned)):
-      if error is not None:
-        outcomes[i] = ModuleOutcome(
-            source=source.location, destination=source.destination,
-            kind=source.kind, status=STATUS_FAILED,
-            exit_code=int(error.exit_code), error=_one_line(error))
-        continue
-      record = batch.up_to_date(source, sha)
-      if record is not None:
-        outcomes[i] = batch.skipped_outcome(source, record)
-        batch.skipped += 1
-        continue
-      todo.append((i, source, sha, size))
-    batch.total = len(todo) + sum(1 for o in outcomes.values() if o.failed)
-    batch.done = batch.failed = sum(1 for o in outcomes.values() if o.failed)
+    outcomes, todo = batch.plan(sources)
+    failed = sum(1 for o in outcomes.values() if o.failed)
+    batch.skipped = len(outcomes) - failed
+    batch.total = len(todo) + failed
+    batch.done = batch.failed = failed
     batch.emit("planned")
-    # Largest first: the long modules start early, the short ones fill in.
-    todo.sort(key=lambda t: -t[3])
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=jobs, thread_name_prefix="migrate-batch")
     futures: dict[concurrent.futures.Future, int] = {}

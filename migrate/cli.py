@@ -68,6 +68,10 @@ _MANIFEST = flags.DEFINE_string(
 _JOBS = flags.DEFINE_integer(
     "jobs", None, "batch: modules converted at a time, each in its own worker "
     "process (default: the number of cores).", lower_bound=1)
+_BEAM_ARGS = flags.DEFINE_string(
+    "beam_args", None, "batch: run the batch as an Apache Beam pipeline with "
+    "these pipeline options, e.g. '--runner=DirectRunner "
+    "--direct_num_workers=2' (needs the [beam] extra).")
 
 
 def _print_error(message: str) -> None:
@@ -149,7 +153,8 @@ def _verify(old: str, new: str) -> int:
 
 def _batch(src_root: str, dst_root: str) -> int:
   """Converts every module under SRC_ROOT (or in --manifest); 0 or 10."""
-  import time  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import time
   from migrate import batch
   from migrate import errors
   if _MANIFEST.value:
@@ -203,10 +208,21 @@ def _batch(src_root: str, dst_root: str) -> int:
       say(f"batch: {p.describe()}")
 
   jobs = _JOBS.value or batch.default_jobs()
+  if _BEAM_ARGS.value is not None:
+    import shlex  # pylint: disable=g-import-not-at-top
+    try:
+      from migrate import beam_pipeline  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise _UsageError(f"--beam_args needs apache_beam ({e}): pip install "
+                        f"'migrate-hub-module[beam]'") from None
+    print(f"batch: {len(sources)} modules, as a Beam pipeline", file=sys.stderr)
+    run = functools.partial(beam_pipeline.run_pipeline,
+                            pipeline_args=shlex.split(_BEAM_ARGS.value) or None)
+  else:
+    run = functools.partial(batch.run_batch, jobs=jobs, on_progress=on_progress,
+                            quiet=not _VERBOSE.value)
   try:
-    report = batch.run_batch(
-        sources, dst_root, jobs=jobs, timeout=_TIMEOUT.value, options=options,
-        on_progress=on_progress, quiet=not _VERBOSE.value)
+    report = run(sources, dst_root, timeout=_TIMEOUT.value, options=options)
   except KeyboardInterrupt:
     if bar is not None:
       bar.close()
