@@ -79,7 +79,14 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   in_graph: dict[str, tuple[tf.DType, tf.TensorShape]] = {}
   order: list[str] = []
   for tags in sorted(module.variants, key=len, reverse=True):
-    for name, spec in _graph_variables(module.variants[tags].graph_def).items():
+    try:
+      graph_variables = _graph_variables(module.variants[tags].graph_def)
+    except (TypeError, ValueError) as e:  # A dtype or shape attr out of range.
+      raise errors.CorruptModuleError(
+          f"{module.path} (tags {sorted(tags)}): expected variables with a "
+          f"valid dtype and shape, found {type(e).__name__}: "
+          f"{_first_line(e)}") from None
+    for name, spec in graph_variables.items():
       if name not in in_graph:
         in_graph[name] = spec
         order.append(name)
@@ -88,6 +95,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   try:
     reader = tf.train.load_checkpoint(module.checkpoint_prefix)
     shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
   except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
@@ -106,6 +114,11 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
           f"{module.checkpoint_prefix}: the variables index does not match the "
           f"graph: variable '{name}' has shape {list(shapes[name])} in the "
           f"checkpoint, {shape.as_list()} in the graph")
+    if dtypes[name] != dtype:
+      raise errors.CorruptModuleError(
+          f"{module.checkpoint_prefix}: the variables index does not match the "
+          f"graph: variable '{name}' has dtype {dtypes[name].name} in the "
+          f"checkpoint, {dtype.name} in the graph")
     try:
       value = reader.get_tensor(name)
     except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
