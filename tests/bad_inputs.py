@@ -299,3 +299,128 @@ def output_node(module_dir: str, signature: str = "default",
       sig = mg.signature_def[signature]
       return next(iter(sig.outputs.values())).name.split(":")[0]
   raise KeyError(signature)
+
+
+# --------------------------------------------------------------------------
+# Fuzzing: byte mutations, and a worker that converts many mutated modules.
+
+MUTATIONS = ("bitflip", "truncate", "insert", "overwrite")
+
+
+def mutate_bytes(data: bytes, kind: str, rng) -> bytes:
+  data = bytearray(data)
+  if kind == "bitflip":
+    for _ in range(rng.randint(1, 8)):
+      if data:
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+  elif kind == "truncate":
+    data = data[:rng.randrange(len(data) + 1)]
+  elif kind == "insert":
+    i = rng.randrange(len(data) + 1)
+    data[i:i] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
+  elif kind == "overwrite":
+    if data:
+      i = rng.randrange(len(data))
+      n = rng.randint(1, 64)
+      data[i:i + n] = bytes(rng.getrandbits(8) for _ in range(n))
+  else:
+    raise ValueError(kind)
+  return bytes(data)
+
+
+def convert_cases(cases: Sequence[tuple[str, str]], results_path: str) -> int:
+  """Runs `convert(src, dst, verify=False)` per case, one JSON line per result.
+
+  Meant to run in one spawned worker (`isolation.run_isolated`) for many
+  cases; a line is flushed before the next case starts, so if TensorFlow
+  kills the worker, the caller knows which case did it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  from migrate import convert, errors  # pylint: disable=g-import-not-at-top
+  with open(results_path, "a", encoding="utf-8") as out:
+    for src, dst in cases:
+      out.write(json.dumps({"start": src}) + "\n")
+      out.flush()
+      start = time.monotonic()
+      record = {"src": src}
+      try:
+        convert.convert(src, dst, verify=False)
+        record.update(status="ok", code=0)
+      except errors.MigrationError as e:
+        record.update(status="error", code=int(e.exit_code), message=str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        record.update(status="bug", code=1, message=f"{type(e).__name__}: {e}",
+                      trace=traceback.format_exc())
+      record["seconds"] = time.monotonic() - start
+      out.write(json.dumps(record) + "\n")
+      out.flush()
+  return len(cases)
+
+
+GRAPH_MUTATIONS = ("op", "input_drop", "input_rewire", "attr_type", "attr_shape",
+                   "attr_int", "attr_string", "const_tensor", "delete_node",
+                   "duplicate_name")
+
+
+def mutate_graph(sm: saved_model_pb2.SavedModel, kind: str, rng) -> str:
+  """One structural mutation of a random NodeDef; returns what it did."""
+  mg = rng.choice(list(sm.meta_graphs))
+  nodes = mg.graph_def.node
+  node = rng.choice(list(nodes))
+  names = [n.name for n in nodes]
+  what = f"{kind} on {node.name} ({node.op})"
+  if kind == "op":
+    node.op = rng.choice(sorted({n.op for n in nodes}))
+  elif kind == "input_drop" and node.input:
+    del node.input[rng.randrange(len(node.input))]
+  elif kind == "input_rewire":
+    ref = rng.choice(names) + rng.choice(["", ":1", ":7"])
+    if node.input:
+      node.input[rng.randrange(len(node.input))] = ref
+    else:
+      node.input.append(ref)
+  elif kind == "attr_type":
+    typed = [k for k, v in node.attr.items() if v.WhichOneof("value") == "type"]
+    if typed:
+      node.attr[rng.choice(typed)].type = rng.choice([0, 2, 3, 7, 9, 10, 20, 21, 30, 99])
+  elif kind == "attr_shape":
+    shaped = [k for k, v in node.attr.items() if v.WhichOneof("value") == "shape"]
+    if shaped:
+      shape = node.attr[rng.choice(shaped)].shape
+      if shape.dim:
+        shape.dim[rng.randrange(len(shape.dim))].size = rng.choice(
+            [-7, -1, 0, 1, 5, 2 ** 31, 2 ** 62])
+      else:
+        shape.unknown_rank = not shape.unknown_rank
+  elif kind == "attr_int":
+    ints = [k for k, v in node.attr.items() if v.WhichOneof("value") in ("i", "list")]
+    if ints:
+      value = node.attr[rng.choice(ints)]
+      pick = lambda: rng.choice([-(2 ** 40), -1, 0, 1, 3, 2 ** 31, 2 ** 62])
+      if value.WhichOneof("value") == "i":
+        value.i = pick()
+      elif value.list.i:
+        value.list.i[rng.randrange(len(value.list.i))] = pick()
+  elif kind == "attr_string":
+    strs = [k for k, v in node.attr.items() if v.WhichOneof("value") == "s"]
+    if strs:
+      node.attr[rng.choice(strs)].s = rng.choice(
+          [b"", b"NCHW", b"NHWC", b"VALID", b"EXPLICIT", b"\xff\xfe", b"x" * 300])
+  elif kind == "const_tensor":
+    consts = [n for n in nodes if n.op == "Const"]
+    if consts:
+      tensor = rng.choice(consts).attr["value"].tensor
+      choice = rng.randrange(3)
+      if choice == 0:
+        tensor.dtype = rng.choice([1, 3, 7, 9, 20, 21])
+      elif choice == 1 and tensor.tensor_shape.dim:
+        tensor.tensor_shape.dim[0].size = rng.choice([0, 3, 2 ** 31, -2])
+      else:
+        tensor.tensor_content = tensor.tensor_content[:len(tensor.tensor_content) // 2]
+  elif kind == "delete_node":
+    del nodes[names.index(node.name)]
+  elif kind == "duplicate_name":
+    node.name = rng.choice(names)
+  return what
