@@ -793,6 +793,8 @@ class BatchRunner:
     self.threads = threads_per_worker
     self.max_archive_bytes = max_archive_bytes
     self.cancelled = threading.Event()
+    self._dirs_lock = threading.Lock()
+    self._in_flight: dict[str, int] = {}  # DST parents of running modules.
     self._lock = threading.Lock()
     self.started = time.monotonic()
     self.total = 0
@@ -887,8 +889,12 @@ class BatchRunner:
       return None
     self.emit("started", module=source.location)
     outcome = self.convert(source, sha)
-    if self.cancelled.is_set():
-      return None  # Interrupted: not recorded, redone by the next run.
+    if self.cancelled.is_set() or (
+        outcome.exit_code == errors.ExitCode.INTERNAL
+        and "(KeyboardInterrupt" in (outcome.error or "")):
+      # Interrupted (Ctrl-C reaches the workers too): not recorded, redone
+      # by the next run; the main thread is about to stop the batch.
+      return None
     self.record(source, outcome)
     self.emit("finished", module=source.location, outcome=outcome)
     return outcome
@@ -909,13 +915,15 @@ class BatchRunner:
                             output_key=source.output_key or self.options.output_key)
     scratch = None
     created_parents: list[str] = []
+    parent = os.path.dirname(source.destination)
     try:
-      parent = os.path.dirname(source.destination)
-      probe = parent
-      while not os.path.isdir(probe):
-        created_parents.append(probe)
-        probe = os.path.dirname(probe)
-      os.makedirs(parent, exist_ok=True)
+      with self._dirs_lock:
+        self._in_flight[parent] = self._in_flight.get(parent, 0) + 1
+        probe = parent
+        while not os.path.isdir(probe):
+          created_parents.append(probe)
+          probe = os.path.dirname(probe)
+        os.makedirs(parent, exist_ok=True)
       if source.kind == KIND_ARCHIVE:
         os.makedirs(self.scratch_root, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.scratch_root)
@@ -966,12 +974,20 @@ class BatchRunner:
     finally:
       if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
-    if outcome.failed:
-      for path in created_parents:  # Leave no empty directories behind.
-        try:
-          os.rmdir(path)
-        except OSError:
-          break
+    with self._dirs_lock:
+      self._in_flight[parent] -= 1
+      if not self._in_flight[parent]:
+        del self._in_flight[parent]
+      if outcome.failed:
+        # Leave no empty directories behind, unless another module in flight
+        # is about to write below them.
+        for path in created_parents:
+          if any(p == path or p.startswith(path + os.sep) for p in self._in_flight):
+            break
+          try:
+            os.rmdir(path)
+          except OSError:
+            break
     if outcome.status != STATUS_SKIPPED:
       outcome.seconds = round(time.monotonic() - began, 3)
       outcome.finished_at = now_iso()
@@ -1096,6 +1112,14 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
       raise
     finally:
       executor.shutdown(wait=True, cancel_futures=True)
+    for i, source, sha, _ in todo:
+      if i not in outcomes:  # Its worker alone was interrupted (SIGINT).
+        outcomes[i] = ModuleOutcome(
+            source=source.location, destination=source.destination,
+            kind=source.kind, status=STATUS_FAILED, source_sha256=sha,
+            exit_code=int(errors.ExitCode.INTERNAL), finished_at=now_iso(),
+            error=f"{source.location}: the worker was interrupted (SIGINT); "
+            f"rerun to convert it")
   finally:
     try:
       os.rmdir(batch.scratch_root)  # Only if empty: another run may use it.
