@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,26 @@ def _load() -> str:
     return "?"
 
 
+def _busy_cpu_seconds() -> float:
+  """CPU seconds spent by the whole machine (all processes) since boot."""
+  try:
+    with open("/proc/stat", encoding="utf-8") as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return float("nan")
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+  """CPU seconds of this process and its finished children (the workers)."""
+  total = 0.0
+  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+    usage = resource.getrusage(who)
+    total += usage.ru_utime + usage.ru_stime
+  return total
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--modules", type=int, default=8,
@@ -77,9 +98,12 @@ def main() -> int:
     for jobs in jobs_list:
       dst = os.path.join(work, f"dst_{jobs}")
       load_before = _load()
+      busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
       began = time.monotonic()
       report = batch.run_batch(batch.discover(src, dst), dst, jobs=jobs)
       seconds = time.monotonic() - began
+      own = _own_cpu_seconds() - own_before
+      others = max(0.0, _busy_cpu_seconds() - busy_before - own)
       counts = report.counts
       if counts["converted"] != args.modules:
         print(report.format_table())
@@ -88,12 +112,16 @@ def main() -> int:
       runs.append({"jobs": jobs, "seconds": round(seconds, 2),
                    "modules_per_minute": round(args.modules / seconds * 60, 2),
                    "load_before": load_before, "load_after": _load(),
+                   "batch_cpu_seconds": round(own, 1),
+                   "other_processes_cpu_seconds": round(others, 1),
                    "mean_module_seconds": round(
                        sum(m.seconds for m in report.modules) / args.modules, 2)})
       print(f"jobs={jobs}: {seconds:.1f}s wall, "
             f"{runs[-1]['modules_per_minute']:.1f} modules/min, mean "
-            f"{runs[-1]['mean_module_seconds']:.1f}s per module; load "
-            f"{load_before} -> {runs[-1]['load_after']}")
+            f"{runs[-1]['mean_module_seconds']:.1f}s per module; batch used "
+            f"{own:.0f} CPU-s, other processes {others:.0f} CPU-s "
+            f"({others / seconds:.2f} cores); load {load_before} -> "
+            f"{runs[-1]['load_after']}")
     base = runs[0]["seconds"]
     for run in runs[1:]:
       run["speedup"] = round(base / run["seconds"], 3)
