@@ -703,25 +703,35 @@ def clean_stale_files(dst_root: str, destinations: Iterable[str]) -> list[str]:
 
 
 class RunLock:
-  """One batch at a time per DST_ROOT (flock; released when the process dies)."""
+  """One batch at a time per DST_ROOT: flock on the directory itself.
 
-  def __init__(self, work_dir: str):
-    self.path = os.path.join(work_dir, "lock")
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+  No lock file is left behind, and the lock goes with the process (even on
+  SIGKILL).
+  """
+
+  def __init__(self, dst_root: str):
+    self._fd = os.open(dst_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
       os.close(self._fd)
       raise errors.OutputError(
-          f"{os.path.dirname(work_dir)}: expected no other batch writing here, "
-          f"found one running (pid {holder or '?'})") from None
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+          f"{dst_root}: expected no other batch writing here, found one "
+          f"running") from None
 
   def release(self) -> None:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
+
+
+def remove_empty_work_dir(dst_root: str) -> None:
+  """Removes DST_ROOT/.migrate-batch (and its tmp/) if nothing is left in them."""
+  work_dir = os.path.join(dst_root, WORK_DIRNAME)
+  for path in (os.path.join(work_dir, "tmp"), work_dir):
+    try:
+      os.rmdir(path)
+    except OSError:
+      pass
 
 
 # -- progress --------------------------------------------------------------------
@@ -1065,11 +1075,11 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
     threads_per_worker = max(1, default_jobs() // jobs)
   started_at = now_iso()
   try:
-    os.makedirs(os.path.join(dst_root, WORK_DIRNAME), exist_ok=True)
+    os.makedirs(dst_root, exist_ok=True)
   except OSError as e:
     raise errors.OutputError(f"{dst_root}: expected a writable output "
                              f"directory, found {type(e).__name__}: {e}") from None
-  run_lock = RunLock(os.path.join(dst_root, WORK_DIRNAME))
+  run_lock = RunLock(dst_root)
   batch = BatchRunner(dst_root, jobs=jobs, timeout=timeout, options=options,
                  on_progress=on_progress, quiet=quiet,
                  threads_per_worker=threads_per_worker,
@@ -1121,10 +1131,7 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
             error=f"{source.location}: the worker was interrupted (SIGINT); "
             f"rerun to convert it")
   finally:
-    try:
-      os.rmdir(batch.scratch_root)  # Only if empty: another run may use it.
-    except OSError:
-      pass
+    remove_empty_work_dir(dst_root)
     run_lock.release()
   return BatchReport(dst_root=dst_root, jobs=jobs, started_at=started_at,
                      seconds=time.monotonic() - batch.started,

@@ -91,11 +91,11 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
   dst_root = os.path.abspath(dst_root)
   started_at = batch.now_iso()
   work_dir = os.path.join(dst_root, batch.WORK_DIRNAME)
-  os.makedirs(work_dir, exist_ok=True)
   args = list(pipeline_args or ["--runner=DirectRunner"])
   pipeline_opts = beam_options.PipelineOptions(args)
   jobs = pipeline_opts.view_as(beam_options.DirectOptions).direct_num_workers or 1
-  lock = batch.RunLock(work_dir)
+  os.makedirs(work_dir, exist_ok=True)
+  lock = batch.RunLock(dst_root)
   runner = batch.BatchRunner(dst_root, jobs=max(1, jobs), timeout=timeout,
                              options=options, on_progress=None, quiet=True,
                              threads_per_worker=threads_per_worker,
@@ -131,6 +131,7 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
               f"found none")
   finally:
     shutil.rmtree(results_dir, ignore_errors=True)
+    batch.remove_empty_work_dir(dst_root)
     lock.release()
   return batch.BatchReport(
       dst_root=dst_root, jobs=max(1, jobs), started_at=started_at,

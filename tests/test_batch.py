@@ -240,6 +240,8 @@ def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path
   assert int(rows[f"corpus/{good[0]}"]["parity_checks"]) >= 10
   _load_and_call([str(dst / "corpus" / good[0]), str(dst / "corpus" / good[-1])])
   assert _leftovers(str(dst)) == []
+  assert sorted(os.listdir(dst)) == [batch.STATE_FILENAME, "corpus"]
+  assert sorted(os.listdir(dst / "corpus")) == sorted(good)
   state_before = _state(str(dst))
 
   # Rerun: the converted ones are up to date (no worker, no rewrite), the
@@ -466,14 +468,15 @@ def test_changed_source_is_reconverted_in_place(tmp_path):
 
 def test_a_second_batch_on_the_same_dst_is_refused(tmp_path):
   dst = tmp_path / "dst"
-  os.makedirs(dst / batch.WORK_DIRNAME)
-  lock = batch.RunLock(str(dst / batch.WORK_DIRNAME))
+  os.makedirs(dst)
+  lock = batch.RunLock(str(dst))
   try:
     with pytest.raises(errors.OutputError, match="found one running"):
       batch.run_batch([], str(dst))
   finally:
     lock.release()
   assert batch.run_batch([], str(dst)).exit_code == 0
+  assert os.listdir(dst) == [], "an empty batch leaves nothing behind"
 
 
 def test_beam_direct_runner_converts_two_fixtures(tmp_path):
