@@ -619,15 +619,25 @@ class _Verifier:
         f"{len(changed_ref)}" + _diff_names(set(changed_new), set(changed_ref))))
     if prefix != "train" or not same_shape:
       return
-    actual_grads = {n: g.numpy() if not isinstance(g, tf.IndexedSlices)
-                    else tf.convert_to_tensor(g).numpy()
-                    for n, g in zip(self.trainable, grads) if g is not None}
+    # A variable the output does not depend on has no gradient in the TF1
+    # Session (None) but may get an exact zero from the TF2 function (whose
+    # other outputs use it): both mean zero, so both sides fill in zeros.
+    actual_grads, expected_grads = {}, {}
+    for n, g in zip(self.trainable, grads):
+      zeros = np.zeros(self.trainable[n].shape, self.trainable[n].dtype.as_numpy_dtype)
+      actual_grads[n] = (zeros if g is None else g.numpy()
+                         if not isinstance(g, tf.IndexedSlices)
+                         else tf.convert_to_tensor(g).numpy())
+      expected_grads[n] = ref.gradients.get(n, zeros)
+    for n in ref.gradients:
+      expected_grads.setdefault(n, ref.gradients[n])  # Unmatched: fails below.
     scale = max([float(np.abs(g).max()) for g in ref.gradients.values()] + [1e-30])
     self.add(compare_lib.compare_many("train/gradients", actual_grads,
-                                      ref.gradients, "gradients", scale=scale))
+                                      expected_grads, "gradients", scale=scale))
     norms = {n: np.float64(np.linalg.norm(g.astype(np.float64)))
              for n, g in actual_grads.items()}
-    ref_norms = {n: np.float64(v) for n, v in ref.grad_norms.items()}
+    ref_norms = {n: np.float64(np.linalg.norm(np.asarray(g, np.float64)))
+                 for n, g in expected_grads.items()}
     self.add(compare_lib.compare_many(
         "train/gradient_norms", norms, ref_norms, "gradient_norms",
         scale=max(list(ref_norms.values()) + [1e-30])))

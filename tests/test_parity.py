@@ -223,3 +223,13 @@ def test_verify_passes(converted, name):
   reloaded = tf.saved_model.load(c.path)
   for v in reloaded.variables:
     np.testing.assert_array_equal(v.numpy(), c.initial[v.name.rsplit(":", 1)[0]])
+
+
+def test_verify_passes_when_the_output_ignores_some_variables(convert_cached):
+  # inference_only_asset's feature vector does not read the logits variables:
+  # the TF1 Session gives them no gradient, the TF2 function (whose other
+  # outputs read them) an exact zero. Both are zero; verification must pass.
+  path = convert_cached("inference_only_asset", signature="image_feature_vector")
+  report = verify_lib.verify(conftest.module_path("inference_only_asset"), path)
+  assert report.passed, report.format_table()
+  assert report.check("train/gradients").passed
