@@ -46,6 +46,7 @@ import zlib
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from migrate import errors
+from migrate import fileutil
 from migrate import isolation
 
 STATE_FILENAME = ".migrate-batch-state.json"
@@ -260,14 +261,6 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
 
 # -- content hashes --------------------------------------------------------------
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def tree_sha256(path: str) -> str:
   """sha256 over every file of a directory: relative paths, sizes, contents."""
   digest = hashlib.sha256()
@@ -286,7 +279,7 @@ def tree_sha256(path: str) -> str:
 def source_sha256(location: str, kind: str) -> str:
   """The content hash of a local source (archive file or module directory)."""
   if kind == KIND_ARCHIVE:
-    return file_sha256(location)
+    return fileutil.file_sha256(location)
   return tree_sha256(location)
 
 
@@ -645,18 +638,8 @@ class BatchState:
           sort_keys=True))
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def _remove_if_dead(path: str, pid_text: str) -> bool:
-  if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+  if pid_text.isdigit() and not fileutil.pid_alive(int(pid_text)):
     if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path, ignore_errors=True)
     else:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from migrate import build as build_lib
 from migrate import errors
 from migrate import export
+from migrate import fileutil
 from migrate import legacy_format
 from migrate import plan as plan_lib
 from migrate import safety
@@ -122,7 +123,7 @@ def convert(src: str, dst: str, *,
     staged.write_model_card(export.model_card(
         built, src, module.saved_model_sha256,
         report.summary() if report is not None else None))
-    output_bytes = export.directory_size(staged.path)
+    output_bytes = fileutil.directory_size(staged.path)
     staged.commit(overwrite=overwrite)
     lap("commit")
   except BaseException:
@@ -139,7 +140,7 @@ def convert(src: str, dst: str, *,
       num_trainable_variables=len(root.trainable_variables),
       num_regularization_losses=len(root.regularization_losses),
       has_train_graph=plan.has_train_graph, notes=list(built.notes),
-      input_bytes=export.directory_size(src), output_bytes=output_bytes,
+      input_bytes=fileutil.directory_size(src), output_bytes=output_bytes,
       seconds=seconds, parity=report, kept_aside=kept)
 
 

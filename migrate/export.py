@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from migrate import build as build_lib
 from migrate import errors
+from migrate import fileutil
 
 MODEL_CARD_FILENAME = "MODEL_CARD.md"
 _TMP_MARK = ".migrate-tmp-"
@@ -38,16 +39,6 @@ def _stale_pattern(dst: str) -> re.Pattern:
   return re.compile(rf"^\.{base}({re.escape(_TMP_MARK)}|{re.escape(_OLD_MARK)})(\d+)-")
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def clean_stale_temporaries(dst: str) -> list[str]:
   """Removes temporary directories left for DST by killed runs."""
   parent = os.path.dirname(os.path.abspath(dst))
@@ -59,7 +50,7 @@ def clean_stale_temporaries(dst: str) -> list[str]:
     return removed
   for name in names:
     match = pattern.match(name)
-    if match and not _pid_alive(int(match.group(2))):
+    if match and not fileutil.pid_alive(int(match.group(2))):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
       removed.append(name)
   return removed
@@ -168,14 +159,6 @@ def stage(built: build_lib.BuiltModel, dst: str) -> StagedOutput:
     staged.discard()
     raise
   return staged
-
-
-def directory_size(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      total += os.path.getsize(os.path.join(root, name))
-  return total
 
 
 def model_card(built: build_lib.BuiltModel, src: str, sha256: str,

@@ -18,12 +18,15 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
+import threading
 import traceback
 from typing import Any, Callable, Optional, Union
 
 from migrate import errors
 
 _PR_SET_PDEATHSIG = 1
+_STDERR_SWAP = threading.Lock()
 
 
 def _die_with_parent() -> None:
@@ -39,19 +42,20 @@ def _start_with_quiet_stderr(process) -> None:
 
   The spawned child imports TensorFlow while unpickling its target, before
   any of its own code runs; its C++ start-up chatter would bury the one line
-  the CLI prints. Its errors come back through the pipe instead.
+  the CLI prints. Its errors come back through the pipe instead. fd 2 is
+  process-wide, so concurrent starts (batch threads) take turns.
   """
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    process.start()
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
+  with _STDERR_SWAP:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+      os.dup2(devnull, 2)
+      process.start()
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      os.close(devnull)
 
 
 def _resolve(target: Union[str, Callable[..., Any]]) -> Callable[..., Any]:

@@ -16,7 +16,6 @@ Nothing here runs a graph: this module only parses and validates.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -30,6 +29,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 from migrate import errors
+from migrate import fileutil
 
 MODULE_DEF_FILENAME = "tfhub_module.pb"
 SAVED_MODEL_FILENAME = "saved_model.pb"
@@ -160,14 +160,6 @@ class LegacyModule:
       return None
     size = info.default_image_size
     return (size.height, size.width)
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _read_module_def(path: str) -> ModuleDef:
@@ -433,4 +425,4 @@ def read_module(path: str) -> LegacyModule:
       variants=variants,
       attachments=attachments,
       checkpoint_prefix=prefix,
-      saved_model_sha256=file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)))
+      saved_model_sha256=fileutil.file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)))

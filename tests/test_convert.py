@@ -20,7 +20,8 @@ import tf_keras
 
 from migrate import errors
 from migrate import convert
-from migrate import legacy_format
+from migrate import fileutil
+
 from tests.conftest import golden_arrays, golden_meta, module_path, convertible_fixture_names
 
 RTOL = ATOL = 1e-5
@@ -65,7 +66,7 @@ def test_tf_saved_model_load_and_metadata(convert_cached):
   path = convert_cached("resnet_v2_tiny")
   obj = tf.saved_model.load(path)
   src_pb = os.path.join(module_path("resnet_v2_tiny"), "saved_model.pb")
-  assert obj.metadata.source_sha256.numpy().decode() == legacy_format.file_sha256(src_pb)
+  assert obj.metadata.source_sha256.numpy().decode() == fileutil.file_sha256(src_pb)
   assert obj.metadata.num_features.numpy() == 32
   assert obj.metadata.output_kind.numpy().decode() == "image_feature_vector"
   card = open(os.path.join(path, "MODEL_CARD.md"), encoding="utf-8").read()
