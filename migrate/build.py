@@ -268,19 +268,6 @@ def _inference_feeds(module: legacy_format.LegacyModule
   return list(feeds.items())
 
 
-def _feed_defaults(graph_def, feeds: Sequence[str]) -> dict[str, tf.Tensor]:
-  """Default values for feeds that are PlaceholderWithDefault of a Const."""
-  nodes = {n.name: n for n in graph_def.node}
-  result = {}
-  for feed in feeds:
-    node = nodes.get(feed.split(":")[0])
-    if node is not None and node.op == "PlaceholderWithDefault":
-      src = nodes.get(node.input[0].split(":")[0])
-      if src is not None and src.op == "Const":
-        result[feed] = tf.constant(tf.make_ndarray(src.attr["value"].tensor))
-  return result
-
-
 def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
               notes: Sequence[str],
               removed: Optional[graph_rewrite.DropoutMatch],
@@ -408,8 +395,9 @@ def build(module: legacy_format.LegacyModule,
                           for s in module.inference.signatures.values()
                           for o in s.outputs.values()})
   infer_fn = infer_index.function(infer_feed_specs, infer_fetches)
-  infer_defaults = _feed_defaults(graph_defs[legacy_format.INFERENCE_TAGS],
-                                  infer_feeds)
+  infer_defaults = {
+      name: tf.constant(value) for name, value in legacy_format.placeholder_defaults(
+          graph_defs[legacy_format.INFERENCE_TAGS]).items() if name in infer_feeds}
 
   def run_inference(feed_values: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     args = []

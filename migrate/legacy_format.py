@@ -19,6 +19,7 @@ import dataclasses
 import os
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 from google.protobuf import descriptor_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf import message as pb_message
@@ -160,6 +161,25 @@ class LegacyModule:
       return None
     size = info.default_image_size
     return (size.height, size.width)
+
+
+def placeholder_defaults(graph_def) -> dict[str, np.ndarray]:
+  """Tensor name -> default value of each PlaceholderWithDefault fed by a Const.
+
+  E.g. `batch_norm_momentum` of the `*_with_bn_hparams` signatures (0.99).
+  """
+  nodes = {n.name: n for n in graph_def.node}
+  result = {}
+  for node in graph_def.node:
+    if node.op != "PlaceholderWithDefault" or not node.input:
+      continue
+    src = nodes.get(node.input[0].lstrip("^").split(":")[0])
+    if src is not None and src.op == "Const":
+      try:
+        result[node.name + ":0"] = tf.make_ndarray(src.attr["value"].tensor)
+      except (TypeError, ValueError):
+        continue  # A garbled constant: the import reports it.
+  return result
 
 
 def _read_module_def(path: str) -> ModuleDef:

@@ -171,7 +171,9 @@ def _hparams(module: legacy_format.LegacyModule, signature: str,
     return [], None
   if hsig.inputs.get(IMAGES_INPUT, images).tensor_name != images.tensor_name:
     return [], None
-  defaults = _placeholder_defaults(module.inference.graph_def)
+  defaults = {name: float(value) for name, value in
+              legacy_format.placeholder_defaults(module.inference.graph_def).items()
+              if value.shape == ()}
   hparams = []
   for key, info in sorted(hsig.inputs.items()):
     if key == IMAGES_INPUT:
@@ -180,21 +182,6 @@ def _hparams(module: legacy_format.LegacyModule, signature: str,
                           dtype=info.dtype, shape=info.shape or (),
                           default=defaults.get(info.tensor_name)))
   return hparams, name
-
-
-def _placeholder_defaults(graph_def) -> dict[str, float]:
-  """Tensor name -> scalar default of each PlaceholderWithDefault fed by a Const."""
-  nodes = {n.name: n for n in graph_def.node}
-  result = {}
-  for node in graph_def.node:
-    if node.op != "PlaceholderWithDefault":
-      continue
-    src = nodes.get(node.input[0].split(":")[0])
-    if src is not None and src.op == "Const":
-      value = tf.make_ndarray(src.attr["value"].tensor)
-      if value.shape == ():
-        result[node.name + ":0"] = float(value)
-  return result
 
 
 def make_plan(module: legacy_format.LegacyModule, *,

@@ -325,16 +325,6 @@ class _Verifier:
       return [(h, w), (h // 2, w // 2 + SECOND_RESOLUTION_DELTA[1])]
     return [(h, w), (h + SECOND_RESOLUTION_DELTA[0], w + SECOND_RESOLUTION_DELTA[1])]
 
-  def hparam_defaults(self, graph_def) -> dict[str, float]:
-    nodes = {n.name: n for n in graph_def.node}
-    result = {}
-    for node in graph_def.node:
-      if node.op == "PlaceholderWithDefault":
-        src = nodes.get(node.input[0].split(":")[0])
-        if src is not None and src.op == "Const":
-          result[node.name + ":0"] = tf.make_ndarray(src.attr["value"].tensor)
-    return result
-
   # ---- metadata and variables
 
   def check_metadata(self) -> bool:
@@ -413,7 +403,7 @@ class _Verifier:
     verification cheap for big modules.
     """
     sigs = self.module.inference.signatures
-    defaults = self.hparam_defaults(self.module.inference.graph_def)
+    defaults = legacy_format.placeholder_defaults(self.module.inference.graph_def)
     saved = dict(self.new.signatures)
     expected_names = set(sigs) | {"serving_default"}
     self.add(compare_lib.check(
