@@ -37,6 +37,14 @@ TOLERANCES: Mapping[str, Tolerance] = {
     "gradient_norms": Tolerance(
         1e-4, 1e-5, "L2 norms of the gradients; atol relative to the largest "
         "norm (scale), for the same reason as 'gradients'"),
+    "gradients_fake_quant": Tolerance(
+        2e-2, 2e-2, "through FakeQuant* ops the gradient is masked to the clip range: an "
+        "activation within an ulp of a range edge (summation order of an "
+        "upstream kernel) flips its mask, changing the gradient by a discrete "
+        "step; seen intermittently as 0.14% on one bias norm of "
+        "mobilenet_quantops (root cause of the ulp difference not found)"),
+    "gradient_norms_fake_quant": Tolerance(
+        1e-2, 1e-3, "L2 norms of 'gradients_fake_quant', same reason"),
     "top_k": Tolerance(
         0.0, 1e-5, "identical top-k indices, except where the reference's "
         "k-th and (k+1)-th scores tie within this atol"),
@@ -52,6 +60,12 @@ TOLERANCES: Mapping[str, Tolerance] = {
     "golden_gradient_norms": Tolerance(
         1e-3, 1e-4, "as golden_inference, through backprop; atol relative to the "
         "largest norm (scale)"),
+    "golden_gradient_norms_fake_quant": Tolerance(
+        1e-2, 1e-3, "through FakeQuant* ops the gradient is masked to the clip range: an "
+        "activation within an ulp of a range edge (summation order of an "
+        "upstream kernel) flips its mask, changing the gradient by a discrete "
+        "step; seen intermittently as 0.14% on one bias norm of "
+        "mobilenet_quantops (root cause of the ulp difference not found)"),
 }
 
 

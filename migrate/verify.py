@@ -293,9 +293,16 @@ class _Verifier:
     self.requested = (signature, output_key)
     self.variables = {_var_name(v): v for v in self.new.variables}
     self.trainable = {_var_name(v): v for v in self.new.trainable_variables}
+    self.fake_quant = any(node.op.startswith("FakeQuant")
+                          for variant in self.module.variants.values()
+                          for node in variant.graph_def.node)
     self.saved_values = {n: v.numpy() for n, v in self.variables.items()}
     self._images: dict[str, np.ndarray] = {}
     self._ref_outputs: dict[str, dict[str, np.ndarray]] = {}
+
+  def tolerance(self, name: str) -> str:
+    """`name`, or its fake-quant entry for modules with FakeQuant* ops."""
+    return f"{name}_fake_quant" if self.fake_quant else name
 
   def add(self, result: CheckResult) -> CheckResult:
     self.report.checks.append(result)
@@ -623,13 +630,14 @@ class _Verifier:
       expected_grads.setdefault(n, ref.gradients[n])  # Unmatched: fails below.
     scale = max([float(np.abs(g).max()) for g in ref.gradients.values()] + [1e-30])
     self.add(compare_lib.compare_many("train/gradients", actual_grads,
-                                      expected_grads, "gradients", scale=scale))
+                                      expected_grads, self.tolerance("gradients"),
+                                      scale=scale))
     norms = {n: np.float64(np.linalg.norm(g.astype(np.float64)))
              for n, g in actual_grads.items()}
     ref_norms = {n: np.float64(np.linalg.norm(np.asarray(g, np.float64)))
                  for n, g in expected_grads.items()}
     self.add(compare_lib.compare_many(
-        "train/gradient_norms", norms, ref_norms, "gradient_norms",
+        "train/gradient_norms", norms, ref_norms, self.tolerance("gradient_norms"),
         scale=max(list(ref_norms.values()) + [1e-30])))
 
   def fed_call(self, hparam_names: Sequence[str],

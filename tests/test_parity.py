@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from migrate import compare
+from migrate import legacy_format
 from migrate import verify as verify_lib
 from tests import conftest
 
@@ -101,6 +102,13 @@ def _train_expected(c: _Converted, sig: str, key: str) -> np.ndarray:
   if c.meta["train_signatures"]:
     return c.arrays[f"train/{sig}/{key}"]
   return c.arrays[f"infer/{sig}/{key}/{c.meta['train_batch']}"]
+
+
+def _gradient_tolerance(name: str) -> str:
+  module = legacy_format.read_module(conftest.module_path(name))
+  fake_quant = any(node.op.startswith("FakeQuant") for v in module.variants.values()
+                   for node in v.graph_def.node)
+  return "golden_gradient_norms_fake_quant" if fake_quant else "golden_gradient_norms"
 
 
 def _training_call(c: _Converted, sig: str, shape):
@@ -204,7 +212,7 @@ def test_gradient_norms_match_goldens(converted, name):
   assert set(expected) == set(meta["trainable_variables"])
   scale = max(float(v) for v in expected.values())
   _assert_ok(compare.compare_many("grad_norm", norms, expected,
-                                  "golden_gradient_norms", scale=scale))
+                                  _gradient_tolerance(name), scale=scale))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -233,3 +241,11 @@ def test_verify_passes_when_the_output_ignores_some_variables(convert_cached):
   report = verify_lib.verify(conftest.module_path("inference_only_asset"), path)
   assert report.passed, report.format_table()
   assert report.check("train/gradients").passed
+
+
+@pytest.mark.parametrize("name,entry", [("mobilenet_quantops", "gradients_fake_quant"),
+                                        ("resnet_v2_tiny", "gradients")])
+def test_gradient_tolerance_is_quantization_aware_only_for_fake_quant(convert_cached, name, entry):
+  report = verify_lib.verify(conftest.module_path(name), convert_cached(name))
+  from migrate import tolerances  # pylint: disable=g-import-not-at-top
+  assert report.check("train/gradients").rtol == tolerances.get(entry).rtol
