@@ -52,9 +52,6 @@ class MigrationPlan:
   has_train_graph: bool
   remove_output_dropout: bool  # Wanted by the user; whether applied: build.
 
-  def describe(self) -> Mapping[str, object]:
-    return dataclasses.asdict(self)
-
 
 def _duplicated_signature(sigs: Mapping[str, legacy_format.Signature]
                           ) -> Optional[str]:
