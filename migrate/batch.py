@@ -48,12 +48,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from migrate import errors
 from migrate import fileutil
 from migrate import isolation
+from migrate import preflight
 
 STATE_FILENAME = ".migrate-batch-state.json"
 WORK_DIRNAME = ".migrate-batch"
 STATE_VERSION = 1
-MODULE_DEF_FILENAME = "tfhub_module.pb"  # As legacy_format (which imports TF).
-SAVED_MODEL_FILENAME = "saved_model.pb"
+MODULE_DEF_FILENAME = preflight.MODULE_DEF_FILENAME
+SAVED_MODEL_FILENAME = preflight.SAVED_MODEL_FILENAME
 MODEL_CARD_FILENAME = "MODEL_CARD.md"  # As export.MODEL_CARD_FILENAME.
 MODEL_CARD_TITLE = "# Model card: converted TF1 Hub module"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")

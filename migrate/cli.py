@@ -114,6 +114,11 @@ def _write_report(report_json: str) -> None:
 def _convert(src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
+  from migrate import preflight
+  # What the file system alone shows is wrong is said at once, before a
+  # worker imports TensorFlow; the worker checks again and goes deeper.
+  preflight.check_source(src)
+  preflight.check_destination(src, dst, overwrite=_OVERWRITE.value)
   try:
     result = isolation.run_isolated(
         "migrate.convert:convert_to_dict", src, dst, what=src,
@@ -138,6 +143,9 @@ def _convert(src: str, dst: str) -> int:
 def _verify(old: str, new: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
+  from migrate import preflight
+  preflight.check_source(old)
+  preflight.check_converted(new)
   report = isolation.run_isolated(
       "migrate.convert:verify_to_dict", old, new, what=old,
       timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,

@@ -20,6 +20,7 @@ from migrate import export
 from migrate import fileutil
 from migrate import legacy_format
 from migrate import plan as plan_lib
+from migrate import preflight
 from migrate import safety
 
 FAILED_SUFFIX = ".failed-parity"
@@ -93,7 +94,7 @@ def convert(src: str, dst: str, *,
     clock = now
 
   module = legacy_format.read_module(src)
-  export.check_destination(src, dst, overwrite=overwrite)
+  preflight.check_destination(src, dst, overwrite=overwrite)
   safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   plan = plan_lib.make_plan(module, signature=signature, output_key=output_key,
                             remove_output_dropout=not keep_output_dropout)
@@ -149,17 +150,7 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
   safety.check_module(legacy_format.read_module(old),
                       allow_unsafe_ops=allow_unsafe_ops)
-  if not os.path.isdir(new):
-    raise errors.InputNotFoundError(
-        f"{new}: expected a converted SavedModel directory, found "
-        f"{'a file' if os.path.exists(new) else 'nothing'}")
-  if not os.path.isfile(os.path.join(new, legacy_format.SAVED_MODEL_FILENAME)):
-    raise errors.NotAHubModuleError(
-        f"{new}: expected a converted SavedModel (saved_model.pb), found none")
-  if os.path.isfile(os.path.join(new, legacy_format.MODULE_DEF_FILENAME)):
-    raise errors.NotAHubModuleError(
-        f"{new}: expected a converted SavedModel, found a TF1 Hub module "
-        f"({legacy_format.MODULE_DEF_FILENAME}); convert it first")
+  preflight.check_converted(new)
   return verify_lib.verify(old, new)
 
 

@@ -56,33 +56,6 @@ def clean_stale_temporaries(dst: str) -> list[str]:
   return removed
 
 
-def check_destination(src: str, dst: str, *, overwrite: bool) -> None:
-  """Refuses a DST that exists (without overwrite), is inside SRC, or is unwritable."""
-  src_real = os.path.realpath(src)
-  dst_real = os.path.realpath(dst)
-  if dst_real == src_real or dst_real.startswith(src_real + os.sep):
-    raise errors.OutputError(
-        f"{dst}: expected an output path outside the input module {src}, "
-        f"found it inside (the input is never modified)")
-  if src_real.startswith(dst_real + os.sep):
-    raise errors.OutputError(
-        f"{dst}: expected an output path that does not contain the input "
-        f"module {src}, found it does")
-  if os.path.lexists(dst) and not overwrite:
-    kind = "directory" if os.path.isdir(dst) else "file"
-    raise errors.OutputError(
-        f"{dst}: expected a new output path, found an existing {kind} "
-        f"(pass --overwrite to replace it)")
-  parent = os.path.dirname(os.path.abspath(dst))
-  if not os.path.isdir(parent):
-    raise errors.OutputError(
-        f"{dst}: expected an existing parent directory, found no {parent}")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise errors.OutputError(
-        f"{dst}: expected a writable parent directory, found {parent} "
-        f"not writable")
-
-
 @dataclasses.dataclass
 class StagedOutput:
   """A complete SavedModel in a temporary directory, not yet at DST."""

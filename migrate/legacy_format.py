@@ -31,9 +31,10 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from migrate import errors
 from migrate import fileutil
+from migrate import preflight
 
-MODULE_DEF_FILENAME = "tfhub_module.pb"
-SAVED_MODEL_FILENAME = "saved_model.pb"
+MODULE_DEF_FILENAME = preflight.MODULE_DEF_FILENAME
+SAVED_MODEL_FILENAME = preflight.SAVED_MODEL_FILENAME
 ATTACHMENTS_COLLECTION = "hub_module_attachments"
 IMAGE_MODULE_INFO_KEY = "image_module_info"
 SUPPORTED_MODULE_FORMAT = 3  # ModuleDef.FORMAT_V3, the only one ever published.
@@ -207,31 +208,13 @@ def _read_module_def(path: str) -> ModuleDef:
 
 
 def _check_is_hub_module(path: str) -> None:
-  if not os.path.exists(path):
-    raise errors.InputNotFoundError(
-        f"{path}: expected a TF1 Hub module directory, found nothing (no such "
-        f"file or directory)")
-  if not os.path.isdir(path):
-    raise errors.InputNotFoundError(
-        f"{path}: expected a TF1 Hub module directory, found a file")
-  has_pb = os.path.isfile(os.path.join(path, SAVED_MODEL_FILENAME))
-  has_pbtxt = os.path.isfile(os.path.join(path, "saved_model.pbtxt"))
-  has_module_def = os.path.isfile(os.path.join(path, MODULE_DEF_FILENAME))
-  if not (has_pb or has_pbtxt):
-    if not os.listdir(path):
-      raise errors.NotAHubModuleError(
-          f"{path}: expected a TF1 Hub module, found an empty directory")
-    raise errors.NotAHubModuleError(
-        f"{path}: expected a TF1 Hub module ({SAVED_MODEL_FILENAME} and "
-        f"{MODULE_DEF_FILENAME}), found neither")
-  if not has_module_def:
-    if os.path.isfile(os.path.join(path, "fingerprint.pb")) or _is_tf2(path):
-      raise errors.NotAHubModuleError(
-          f"{path}: expected a TF1 Hub module, found a TF2 SavedModel "
-          f"(already TF2: load it with hub.load or tf.saved_model.load)")
-    raise errors.NotAHubModuleError(
-        f"{path}: expected a TF1 Hub module, found a plain SavedModel without "
-        f"{MODULE_DEF_FILENAME}")
+  if preflight.check_source(path):
+    return
+  if _is_tf2(path):
+    preflight.raise_already_tf2(path)
+  raise errors.NotAHubModuleError(
+      f"{path}: expected a TF1 Hub module, found a plain SavedModel without "
+      f"{MODULE_DEF_FILENAME}")
 
 
 def _is_tf2(path: str) -> bool:

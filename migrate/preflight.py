@@ -1,0 +1,94 @@
+"""Checks that need only the file system (no TensorFlow import).
+
+The CLI runs them in its own process before it starts a worker, so a wrong
+path or an existing DST is reported at once instead of after a TensorFlow
+import; the stages run them again (they are cheap) and go deeper.
+"""
+
+from __future__ import annotations
+
+import os
+
+from migrate import errors
+
+SAVED_MODEL_FILENAME = "saved_model.pb"
+SAVED_MODEL_TEXT_FILENAME = "saved_model.pbtxt"
+MODULE_DEF_FILENAME = "tfhub_module.pb"
+FINGERPRINT_FILENAME = "fingerprint.pb"  # Written by TF2 (>= 2.9) savers only.
+
+
+def check_source(path: str) -> bool:
+  """Refuses what the file system alone shows is not a TF1 Hub module.
+
+  Returns whether `tfhub_module.pb` is present; when it is not (and no
+  fingerprint says TF2), telling a TF2 SavedModel from a plain TF1 one needs
+  parsing `saved_model.pb`: the READ stage's job.
+  """
+  if not os.path.exists(path):
+    raise errors.InputNotFoundError(
+        f"{path}: expected a TF1 Hub module directory, found nothing (no such "
+        f"file or directory)")
+  if not os.path.isdir(path):
+    raise errors.InputNotFoundError(
+        f"{path}: expected a TF1 Hub module directory, found a file")
+  has_pb = os.path.isfile(os.path.join(path, SAVED_MODEL_FILENAME))
+  has_pbtxt = os.path.isfile(os.path.join(path, SAVED_MODEL_TEXT_FILENAME))
+  has_module_def = os.path.isfile(os.path.join(path, MODULE_DEF_FILENAME))
+  if not (has_pb or has_pbtxt):
+    if not os.listdir(path):
+      raise errors.NotAHubModuleError(
+          f"{path}: expected a TF1 Hub module, found an empty directory")
+    raise errors.NotAHubModuleError(
+        f"{path}: expected a TF1 Hub module ({SAVED_MODEL_FILENAME} and "
+        f"{MODULE_DEF_FILENAME}), found neither")
+  if not has_module_def and os.path.isfile(os.path.join(path, FINGERPRINT_FILENAME)):
+    raise_already_tf2(path)
+  return has_module_def
+
+
+def raise_already_tf2(path: str) -> None:
+  raise errors.NotAHubModuleError(
+      f"{path}: expected a TF1 Hub module, found a TF2 SavedModel "
+      f"(already TF2: load it with hub.load or tf.saved_model.load)")
+
+
+def check_destination(src: str, dst: str, *, overwrite: bool) -> None:
+  """Refuses a DST that exists (without overwrite), is inside SRC, or is unwritable."""
+  src_real = os.path.realpath(src)
+  dst_real = os.path.realpath(dst)
+  if dst_real == src_real or dst_real.startswith(src_real + os.sep):
+    raise errors.OutputError(
+        f"{dst}: expected an output path outside the input module {src}, "
+        f"found it inside (the input is never modified)")
+  if src_real.startswith(dst_real + os.sep):
+    raise errors.OutputError(
+        f"{dst}: expected an output path that does not contain the input "
+        f"module {src}, found it does")
+  if os.path.lexists(dst) and not overwrite:
+    kind = "directory" if os.path.isdir(dst) else "file"
+    raise errors.OutputError(
+        f"{dst}: expected a new output path, found an existing {kind} "
+        f"(pass --overwrite to replace it)")
+  parent = os.path.dirname(os.path.abspath(dst))
+  if not os.path.isdir(parent):
+    raise errors.OutputError(
+        f"{dst}: expected an existing parent directory, found no {parent}")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise errors.OutputError(
+        f"{dst}: expected a writable parent directory, found {parent} "
+        f"not writable")
+
+
+def check_converted(new: str) -> None:
+  """Refuses a NEW (for `verify OLD NEW`) that is not a converted SavedModel."""
+  if not os.path.isdir(new):
+    raise errors.InputNotFoundError(
+        f"{new}: expected a converted SavedModel directory, found "
+        f"{'a file' if os.path.exists(new) else 'nothing'}")
+  if not os.path.isfile(os.path.join(new, SAVED_MODEL_FILENAME)):
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a converted SavedModel (saved_model.pb), found none")
+  if os.path.isfile(os.path.join(new, MODULE_DEF_FILENAME)):
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a converted SavedModel, found a TF1 Hub module "
+        f"({MODULE_DEF_FILENAME}); convert it first")
