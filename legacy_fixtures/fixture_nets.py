@@ -7,6 +7,8 @@ as the tfhub.dev modules exported from them did.
 
 Import ``_legacy_shims`` before this module.
 """
+import contextlib
+
 import tensorflow as tf
 import tf_slim as slim
 from tensorflow.python.training import moving_averages
@@ -16,6 +18,21 @@ tf1 = tf.compat.v1
 
 def _squeeze_hw(net, name):
     return tf.squeeze(net, [1, 2], name=name)
+
+
+@contextlib.contextmanager
+def _mobilenet_arg_scope(is_training, batch_norm_decay, weight_decay):
+    """The slim arg_scope both MobileNets build under (BN + relu6 + L2 on convs)."""
+    bn_params = {"is_training": is_training, "decay": batch_norm_decay, "epsilon": 0.001,
+                 "center": True, "scale": True}
+    with slim.arg_scope([slim.conv2d, slim.separable_conv2d],
+                        normalizer_fn=slim.batch_norm, activation_fn=tf.nn.relu6,
+                        weights_initializer=tf1.truncated_normal_initializer(stddev=0.09),
+                        padding="SAME"), \
+            slim.arg_scope([slim.batch_norm], **bn_params), \
+            slim.arg_scope([slim.conv2d],
+                           weights_regularizer=slim.l2_regularizer(weight_decay)):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,16 +52,8 @@ def mobilenet_v1(images, num_classes, is_training, batch_norm_decay=0.9997, conv
     """
     conv_defs = conv_defs or MOBILENET_V1_TINY_DEFS
     end_points = {}
-    bn_params = {"is_training": is_training, "decay": batch_norm_decay, "epsilon": 0.001,
-                 "center": True, "scale": True}
     with tf1.variable_scope(scope, "MobilenetV1", [images]):
-        with slim.arg_scope([slim.conv2d, slim.separable_conv2d],
-                            normalizer_fn=slim.batch_norm, activation_fn=tf.nn.relu6,
-                            weights_initializer=tf1.truncated_normal_initializer(stddev=0.09),
-                            padding="SAME"), \
-                slim.arg_scope([slim.batch_norm], **bn_params), \
-                slim.arg_scope([slim.conv2d],
-                               weights_regularizer=slim.l2_regularizer(weight_decay)):
+        with _mobilenet_arg_scope(is_training, batch_norm_decay, weight_decay):
             net = slim.conv2d(images, first_depth, [3, 3], stride=2, scope="Conv2d_0")
             end_points["Conv2d_0"] = net
             for i, (stride, depth) in enumerate(conv_defs, start=1):
@@ -92,16 +101,8 @@ def mobilenet_v2(images, num_classes, is_training, depth_multiplier=1.0, block_d
     block_defs = block_defs or MOBILENET_V2_DEFS
     end_points = {}
     d = lambda c: _make_divisible(c * depth_multiplier)  # noqa: E731
-    bn_params = {"is_training": is_training, "decay": batch_norm_decay, "epsilon": 0.001,
-                 "center": True, "scale": True}
     with tf1.variable_scope(scope, "MobilenetV2", [images]):
-        with slim.arg_scope([slim.conv2d, slim.separable_conv2d],
-                            normalizer_fn=slim.batch_norm, activation_fn=tf.nn.relu6,
-                            weights_initializer=tf1.truncated_normal_initializer(stddev=0.09),
-                            padding="SAME"), \
-                slim.arg_scope([slim.batch_norm], **bn_params), \
-                slim.arg_scope([slim.conv2d],
-                               weights_regularizer=slim.l2_regularizer(weight_decay)):
+        with _mobilenet_arg_scope(is_training, batch_norm_decay, weight_decay):
             net = slim.conv2d(images, d(32), [3, 3], stride=2, scope="Conv")
             in_depth = d(32)
             idx = 0
