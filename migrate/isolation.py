@@ -91,6 +91,74 @@ def _signal_name(code: int) -> str:
     return f"signal {-code}"
 
 
+class IsolatedCall:
+  """Work started by `start_isolated`: `result()` waits for it, `cancel()` stops it."""
+
+  def __init__(self, process, conn, what: str):
+    self._process = process
+    self._conn = conn
+    self._what = what
+
+  def result(self, timeout: Optional[float] = None) -> Any:
+    """The work's result; raises as `run_isolated` documents."""
+    process, conn, what = self._process, self._conn, self._what
+    try:
+      ready = conn.poll(timeout)
+      if not ready:
+        process.kill()
+        process.join()
+        raise errors.WorkerTimeoutError(
+            f"{what}: expected the conversion to finish within {timeout:g} s, "
+            f"found it still running; stopped it (nothing was written)")
+      try:
+        status, payload = conn.recv()
+      except EOFError:
+        process.join()
+        code = process.exitcode
+        how = (f"was killed by {_signal_name(code)}" if code is not None and code < 0
+               else f"exited with code {code}")
+        raise errors.WorkerCrashedError(
+            f"{what}: TensorFlow {how} while processing this module (a malformed "
+            f"graph can abort it); nothing was written") from None
+      process.join()
+    except BaseException:
+      self.cancel()
+      raise
+    finally:
+      conn.close()
+    if status == "ok":
+      return payload
+    if status == "error":
+      raise payload
+    name, message, trace = payload
+    raise errors.InternalError(f"{what}: internal error ({name}: "
+                               f"{message.strip().splitlines()[0][:300] if message.strip() else ''})",
+                               traceback_text=trace)
+
+  def cancel(self) -> None:
+    """Kills the child if it still runs (its result is dropped)."""
+    if self._process.is_alive():
+      self._process.kill()
+    self._process.join()
+    self._conn.close()
+
+
+def start_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
+                   quiet: bool = True, **kwargs: Any) -> IsolatedCall:
+  """Starts `fn(*args, **kwargs)` in a child process; see `run_isolated`."""
+  ctx = multiprocessing.get_context("spawn")
+  parent_conn, child_conn = ctx.Pipe(duplex=False)
+  work = pickle.dumps((fn, args, kwargs))
+  process = ctx.Process(target=_child, args=(child_conn, os.getpid(), work),
+                        daemon=True)
+  if quiet:
+    _start_with_quiet_stderr(process)
+  else:
+    process.start()
+  child_conn.close()
+  return IsolatedCall(process, parent_conn, what)
+
+
 def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
                  timeout: Optional[float] = None, quiet: bool = True,
                  **kwargs: Any) -> Any:
@@ -103,47 +171,5 @@ def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
   exit without a result), `WorkerTimeoutError` after `timeout` seconds, and
   `errors.InternalError` for a bug in the child (with its traceback text).
   """
-  ctx = multiprocessing.get_context("spawn")
-  parent_conn, child_conn = ctx.Pipe(duplex=False)
-  work = pickle.dumps((fn, args, kwargs))
-  process = ctx.Process(target=_child, args=(child_conn, os.getpid(), work),
-                        daemon=True)
-  if quiet:
-    _start_with_quiet_stderr(process)
-  else:
-    process.start()
-  child_conn.close()
-  try:
-    ready = parent_conn.poll(timeout)
-    if not ready:
-      process.kill()
-      process.join()
-      raise errors.WorkerTimeoutError(
-          f"{what}: expected the conversion to finish within {timeout:g} s, "
-          f"found it still running; stopped it (nothing was written)")
-    try:
-      status, payload = parent_conn.recv()
-    except EOFError:
-      process.join()
-      code = process.exitcode
-      how = (f"was killed by {_signal_name(code)}" if code is not None and code < 0
-             else f"exited with code {code}")
-      raise errors.WorkerCrashedError(
-          f"{what}: TensorFlow {how} while processing this module (a malformed "
-          f"graph can abort it); nothing was written") from None
-    process.join()
-  except BaseException:
-    if process.is_alive():
-      process.kill()
-      process.join()
-    raise
-  finally:
-    parent_conn.close()
-  if status == "ok":
-    return payload
-  if status == "error":
-    raise payload
-  name, message, trace = payload
-  raise errors.InternalError(f"{what}: internal error ({name}: "
-                             f"{message.strip().splitlines()[0][:300] if message.strip() else ''})",
-                             traceback_text=trace)
+  return start_isolated(fn, *args, what=what, quiet=quiet, **kwargs).result(
+      timeout)
