@@ -73,7 +73,7 @@ class _GraphSession:
 
   def __init__(self, module: legacy_format.LegacyModule,
                variant: legacy_format.GraphVariant,
-               checkpoint: Mapping[str, np.ndarray]):
+               checkpoint: Mapping[str, np.ndarray], optimize: bool):
     self.variant = variant
     self.graph = tf.compat.v1.Graph()
     where = f"{module.path} (tags {sorted(variant.tags)})"
@@ -116,7 +116,8 @@ class _GraphSession:
       self._table_inits = [op for op in self.graph.get_operations()
                            if op.type in _TABLE_INIT_OPS]
     self._checkpoint = {n: checkpoint[n] for n in self.var_ops}
-    self.session = tf.compat.v1.Session(graph=self.graph)
+    self.session = tf.compat.v1.Session(graph=self.graph,
+                                        config=session_config(optimize))
     self.reset()
     if self._table_inits:
       self.session.run(self._table_inits)
@@ -184,6 +185,34 @@ class _GraphSession:
     self.session.close()
 
 
+def read_checkpoint(module: legacy_format.LegacyModule) -> dict[str, np.ndarray]:
+  """Every tensor of the module's checkpoint, by variable name."""
+  try:
+    reader = tf.train.load_checkpoint(module.checkpoint_prefix)
+    names = reader.get_variable_to_shape_map()
+    return {n: reader.get_tensor(n) for n in names}
+  except (tf.errors.OpError, ValueError) as e:
+    if any(v.variables for v in module.variants.values()):
+      raise errors.CorruptModuleError(
+          f"{module.checkpoint_prefix}: expected a readable checkpoint, "
+          f"found {type(e).__name__}") from None
+    return {}
+
+
+def probe_weights(seed: int, shape: Sequence[int]) -> np.ndarray:
+  """The fixed weights of the loss `sum(output * probe)` whose gradients are compared."""
+  return np.random.RandomState(seed + 1).standard_normal(tuple(shape)).astype(
+      np.float32)
+
+
+def session_config(optimize: bool) -> tf.compat.v1.ConfigProto:
+  """A Session config with Grappler on (TF1's default) or off."""
+  config = tf.compat.v1.ConfigProto()
+  if not optimize:
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+  return config
+
+
 def _random_values(ops: Sequence[tf.Operation], drawn: Mapping[str, np.ndarray],
                    rng: np.random.RandomState) -> dict[str, np.ndarray]:
   """Seeded values with the distribution (and shape) of each random op."""
@@ -211,18 +240,12 @@ class ReferenceModule:
   """Runs a TF1 Hub module as TF1 did: graph mode, a Session per tag set."""
 
   def __init__(self, module_path: str, *,
-               module: Optional[legacy_format.LegacyModule] = None):
+               module: Optional[legacy_format.LegacyModule] = None,
+               optimize_graphs: bool = True):
+    """`optimize_graphs=False` runs the Sessions with Grappler off."""
     self.module = module or legacy_format.read_module(module_path)
-    try:
-      reader = tf.train.load_checkpoint(self.module.checkpoint_prefix)
-      names = reader.get_variable_to_shape_map()
-      self._checkpoint = {n: reader.get_tensor(n) for n in names}
-    except (tf.errors.OpError, ValueError) as e:
-      if any(v.variables for v in self.module.variants.values()):
-        raise errors.CorruptModuleError(
-            f"{self.module.checkpoint_prefix}: expected a readable checkpoint, "
-            f"found {type(e).__name__}") from None
-      self._checkpoint = {}
+    self._optimize = optimize_graphs
+    self._checkpoint = read_checkpoint(self.module)
     self._sessions: dict[frozenset[str], _GraphSession] = {}
 
   # -- graphs --------------------------------------------------------------
@@ -236,7 +259,8 @@ class ReferenceModule:
     tags = frozenset(tags)
     if tags not in self._sessions:
       self._sessions[tags] = _GraphSession(
-          self.module, self.module.variants[tags], self._checkpoint)
+          self.module, self.module.variants[tags], self._checkpoint,
+          self._optimize)
     return self._sessions[tags]
 
   def train_tags(self) -> frozenset[str]:
@@ -416,8 +440,7 @@ class ReferenceModule:
         shape = (images.shape[0], *static.as_list()[1:])
       else:
         shape = self._output_shape(g.session.run(target, feed), shaped_like)
-      probe = np.random.RandomState(seed + 1).standard_normal(shape).astype(
-          np.float32)
+      probe = probe_weights(seed, shape)
     feed[probe_ph] = probe
     res = g.session.run({"target": target, "losses": losses, "total": total,
                          "grads": grads}, feed)
