@@ -829,7 +829,10 @@ class BatchRunner:
             "output_key": source.output_key or o.output_key,
             "keep_output_dropout": o.keep_output_dropout, "verify": o.verify,
             "keep_failed": o.keep_failed, "allow_unsafe_ops": o.allow_unsafe_ops,
-            "overwrite": overwrite}
+            "overwrite": overwrite,
+            # A batch keeps its cores busy with modules (--jobs), not with a
+            # second process per module.
+            "parallel_verify": False}
 
   def fingerprint(self, source: Source) -> dict[str, Any]:
     fp = self.options.fingerprint()

@@ -77,8 +77,13 @@ def convert(src: str, dst: str, *,
             keep_output_dropout: bool = False,
             verify: bool = True,
             keep_failed: bool = False,
-            allow_unsafe_ops: bool = False) -> ConversionResult:
+            allow_unsafe_ops: bool = False,
+            parallel_verify: Optional[bool] = None) -> ConversionResult:
   """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`.
+
+  `parallel_verify` runs the TF1 side of verification in a child process
+  during the conversion (None: for modules big enough to gain from it; see
+  `verify.start_reference`).
 
   Raises a `migrate.errors.MigrationError` subclass for anything the user can
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
@@ -99,16 +104,28 @@ def convert(src: str, dst: str, *,
   plan = plan_lib.make_plan(module, signature=signature, output_key=output_key,
                             remove_output_dropout=not keep_output_dropout)
   lap("read")
-  built = build_lib.build(module, plan)
-  lap("build")
-  staged = export.stage(built, dst)
-  lap("export")
+  reference = None
+  if verify:
+    # The TF1 side of the parity checks needs only the module: it runs in a
+    # child process (for big modules) while this one builds and exports.
+    from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
+    reference = verify_lib.start_reference(
+        src, verify_lib.spec_for_plan(module, plan), parallel=parallel_verify,
+        module=module)
+  try:
+    built = build_lib.build(module, plan)
+    lap("build")
+    staged = export.stage(built, dst)
+    lap("export")
+  except BaseException:
+    if reference is not None:
+      reference.cancel()
+    raise
   try:
     report = None
     kept = None
     if verify:
-      from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
-      report = verify_lib.verify(src, staged.path)
+      report = verify_lib.verify(src, staged.path, reference=reference)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
