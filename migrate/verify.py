@@ -68,10 +68,10 @@ LARGE_IMAGE = 128
 NON_DEFAULT_HPARAM = 0.5
 # When the reference side gets a child process of its own (`start_reference`):
 # below this much checkpoint data, the child's TensorFlow import costs more
-# than the Session work it takes off the verifying process; below this many
-# CPUs, the two processes only take turns.
+# than the Session work it takes off the verifying process; with one CPU, the
+# two processes could only take turns.
 PARALLEL_MIN_BYTES = 4 * 2**20
-PARALLEL_MIN_CPUS = 4
+PARALLEL_MIN_CPUS = 2
 CLASSIFICATION = "image_classification"
 _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 METHOD_NONE = "none: the training path depends on no random op"
@@ -574,11 +574,14 @@ def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = Non
 
   `parallel=None` runs it in a child process when this process may use at
   least `PARALLEL_MIN_CPUS` CPUs and the module's checkpoint has at least
-  `PARALLEL_MIN_BYTES`. Otherwise it runs in this process, when its result
-  is first needed. On 2 CPUs a child does not pay: both processes are
-  CPU-bound, and the child adds its own TensorFlow import (measured on
-  ResNet-v2-50: conversion + verification 8.2-9.0 s with a child, 8.3-8.9 s
-  without).
+  `PARALLEL_MIN_BYTES`; otherwise it runs in this process, when its result
+  is first needed. Even on 2 CPUs the child pays for its own TensorFlow
+  import: conversion + verification of ResNet-v2-50 took 8.0-9.1 s with it
+  and 9.6-10.6 s without (MobileNet-v2: 6.6-7.2 s against 7.7-8.2 s).
+  The child inherits this process's environment, thread settings included:
+  the same kernels on a different number of threads sum in another order
+  (ResNet-v2-50's features then differ by 5e-5, over the inference
+  tolerance).
   """
   if parallel is None:
     module = module or legacy_format.read_module(old_path)
