@@ -149,8 +149,12 @@ def start_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
   ctx = multiprocessing.get_context("spawn")
   parent_conn, child_conn = ctx.Pipe(duplex=False)
   work = pickle.dumps((fn, args, kwargs))
+  # Not a daemon: a daemonic process may not start children, and a worker
+  # starts one for the reference side of verification. The child dies with
+  # this process all the same (PR_SET_PDEATHSIG), and every path through
+  # `IsolatedCall` joins or kills it.
   process = ctx.Process(target=_child, args=(child_conn, os.getpid(), work),
-                        daemon=True)
+                        daemon=False)
   if quiet:
     _start_with_quiet_stderr(process)
   else:

@@ -331,3 +331,13 @@ def test_a_reference_started_for_another_spec_is_not_used(converted):
   ours, theirs = (verify_lib.reference_side(src, s).outputs for s in (right, wrong))
   tag = sorted(ours)[0]
   assert not any(np.allclose(ours[tag][k], theirs[tag][k]) for k in ours[tag])
+
+
+def test_verification_child_starts_inside_an_isolated_worker(tmp_path):
+  # The CLI converts in a worker process (isolation); for big modules that
+  # worker starts the reference side of verification in a child of its own.
+  from migrate import isolation  # pylint: disable=g-import-not-at-top
+  result = isolation.run_isolated(
+      "migrate.convert:convert_to_dict", conftest.module_path("resnet_v2_tiny"),
+      str(tmp_path / "out"), parallel_verify=True, what="resnet_v2_tiny")
+  assert result["verified"], result["parity"]["table"]
