@@ -11,6 +11,9 @@ RSS is that task's own), medians over `--repeats`:
 - conversion wall time and peak RSS, without and with verification, against
   the naive re-export (`hub.load` of the TF1 module, then
   `tf.saved_model.save`: works, but gives a non-callable model);
+- verification time against conversion time, in the API (the "verify"
+  stage against `convert(verify=False)`) and end to end through the CLI
+  (`migrate-hub-module SRC DST` against `--noverify`, TF import included);
 - output size against input size;
 - inference throughput of the converted model (batch 1 and 32 at the
   module's size) against the TF1 module run in graph mode (Session) and
@@ -137,6 +140,18 @@ TASKS = {name[len("task_"):]: fn for name, fn in globals().items()
          if name.startswith("task_")}
 
 
+def _time_cli(*args: str) -> float:
+  """Wall time of `migrate-hub-module ARGS` as a user runs it (TF import included)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "migrate.cli", *args],
+                        capture_output=True, text=True, env=env, check=False)
+  seconds = time.perf_counter() - start
+  if proc.returncode != 0:
+    raise RuntimeError(f"migrate-hub-module {args} failed:\n{proc.stderr[-3000:]}")
+  return seconds
+
+
 def _run_task(name: str, *args: str) -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   proc = subprocess.run([sys.executable, __file__, "--task", name, *args],
@@ -180,14 +195,22 @@ def benchmark_module(name: str, repeats: int, work: str) -> dict:
     shutil.rmtree(path, ignore_errors=True)
     return path
 
-  naive, plain, verified = [], [], []
+  naive, plain, verified, cli_plain, cli_verified = [], [], [], [], []
   for i in range(repeats):  # Interleaved, so load drift hits every side alike.
     naive.append(_run_task("naive", src, fresh(f"naive{i}")))
     plain.append(_run_task("convert", src, fresh(f"conv{i}"), "0"))
     verified.append(_run_task("convert", src, fresh(f"ver{i}"), "1"))
+    cli_plain.append(_time_cli(src, fresh(f"cli{i}"), "--noverify"))
+    cli_verified.append(_time_cli(src, fresh(f"cliv{i}")))
   for key, runs in (("naive", naive), ("convert", plain), ("convert_verify", verified)):
     res[key] = {"seconds": _median(runs, "seconds"),
-                "peak_rss_mb": _median(runs, "peak_rss_mb")}
+                # A reference child process (verify.start_reference), if any,
+                # runs beside this one: count its peak too.
+                "peak_rss_mb": statistics.median(
+                    r["peak_rss_mb"] + r["children_peak_rss_mb"] for r in runs)}
+  res["verify_seconds"] = statistics.median(r["stages"]["verify"] for r in verified)
+  res["cli_seconds"] = statistics.median(cli_plain)
+  res["cli_verify_seconds"] = statistics.median(cli_verified)
   res["stages"] = plain[-1]["stages"]
   res["verify_stages"] = verified[-1]["stages"]
   res["size_ratio"] = plain[-1]["output_bytes"] / plain[-1]["input_bytes"]
@@ -226,6 +249,10 @@ def markdown(results: list[dict], machine: str, date: str, load: str) -> str:
        lambda r: r["convert"]["seconds"] / r["naive"]["seconds"]),
       ("conversion peak RSS vs naive", "<= 1.3x",
        lambda r: r["convert"]["peak_rss_mb"] / r["naive"]["peak_rss_mb"]),
+      ("verification time vs conversion time", "<= 1.0x",
+       lambda r: r["verify_seconds"] / r["convert"]["seconds"]),
+      ("the same, CLI end to end (`migrate-hub-module` vs `--noverify`)", "-",
+       lambda r: (r["cli_verify_seconds"] - r["cli_seconds"]) / r["cli_seconds"]),
       ("conversion + verification time vs naive", "<= 2.0x",
        lambda r: r["convert_verify"]["seconds"] / r["naive"]["seconds"]),
       ("conversion + verification peak RSS vs naive", "-",
@@ -254,6 +281,8 @@ def markdown(results: list[dict], machine: str, date: str, load: str) -> str:
       ("naive re-export s / MB", lambda r: f"{r['naive']['seconds']:.1f} / {r['naive']['peak_rss_mb']:.0f}"),
       ("conversion s / MB", lambda r: f"{r['convert']['seconds']:.1f} / {r['convert']['peak_rss_mb']:.0f}"),
       ("conversion + verification s / MB", lambda r: f"{r['convert_verify']['seconds']:.1f} / {r['convert_verify']['peak_rss_mb']:.0f}"),
+      ("of which verification s", lambda r: f"{r['verify_seconds']:.1f}"),
+      ("CLI s: --noverify / verified", lambda r: f"{r['cli_seconds']:.1f} / {r['cli_verify_seconds']:.1f}"),
       ("converted img/s b1 / b32", lambda r: f"{r['ips_converted_b1']:.1f} / {r['ips_converted_b32']:.1f}"),
       ("TF1 Session img/s b1 / b32", lambda r: f"{r['ips_session_b1']:.1f} / {r['ips_session_b32']:.1f}"),
       ("hub.load signature img/s b1 / b32", lambda r: f"{r['ips_hub_signature_b1']:.1f} / {r['ips_hub_signature_b32']:.1f}"),
@@ -280,6 +309,8 @@ def main() -> int:
   if len(sys.argv) > 2 and sys.argv[1] == "--task":
     result = TASKS[sys.argv[2]](*sys.argv[3:])
     result["peak_rss_mb"] = _peak_rss_mb()
+    result["children_peak_rss_mb"] = resource.getrusage(
+        resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     print(json.dumps(result))
     return 0
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
