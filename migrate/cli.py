@@ -111,6 +111,15 @@ def _write_report(report_json: str) -> None:
       f.write(report_json)
 
 
+def _identity(path: str):
+  """(device, inode) of `path`, or None if it does not exist."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return (st.st_dev, st.st_ino)
+
+
 def _convert(src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
@@ -119,6 +128,7 @@ def _convert(src: str, dst: str) -> int:
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
   preflight.check_destination(src, dst, overwrite=_OVERWRITE.value)
+  before = _identity(dst)
   try:
     result = isolation.run_isolated(
         "migrate.convert:convert_to_dict", src, dst, what=src,
@@ -132,6 +142,18 @@ def _convert(src: str, dst: str) -> int:
     if e.table:
       print(e.table)
     _write_report(e.report_json)
+    raise
+  except errors.WorkerCrashedError as e:
+    # The worker renames the finished model into place, then sends its
+    # summary: dying between the two leaves DST complete (and verified,
+    # unless --noverify). Say so instead of "nothing was written".
+    after = _identity(dst)
+    if after is not None and after != before:
+      raise errors.WorkerCrashedError(
+          str(e).replace("; nothing was written", "") +
+          f"; it had already moved the finished model into place at {dst} "
+          f"(complete{', verified' if _VERIFY.value else ''}); only its "
+          f"summary was lost") from None
     raise
   if result["parity"]:
     print(result["parity"]["table"])
