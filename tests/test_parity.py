@@ -277,12 +277,33 @@ def test_verify_passes_with_grappler_on(converted, name):
   # verify() runs both sides with Grappler off by default; the tolerance
   # table must hold for the graphs as Grappler rewrites them too, and the
   # process-wide optimizer option must be put back.
-  before = tf.config.optimizer.get_experimental_options()
   c = converted(name)
   report = verify_lib.verify(conftest.module_path(name), c.path,
                              optimize_graphs=True)
   assert report.passed, report.format_table()
-  assert tf.config.optimizer.get_experimental_options() == before
+
+
+def _grappler_disabled() -> bool:
+  return tf.config.optimizer.get_experimental_options().get(
+      "disable_meta_optimizer", False)
+
+
+def test_verify_puts_tensorflow_settings_back(converted):
+  # verify() turns Grappler off and op determinism on while it runs; both
+  # are process-wide settings of the caller's TensorFlow.
+  tf_config.disable_op_determinism()  # The autouse fixture turned it on.
+  c = converted("resnet_v2_tiny")
+  report = verify_lib.verify(conftest.module_path("resnet_v2_tiny"), c.path)
+  assert report.passed, report.format_table()
+  assert not tf_config.is_op_determinism_enabled()
+  assert not _grappler_disabled()
+  tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+  try:
+    verify_lib.verify(conftest.module_path("resnet_v2_tiny"), c.path,
+                      optimize_graphs=True)
+    assert _grappler_disabled()
+  finally:
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
 
 
 @pytest.mark.parametrize("name", NAMES)
