@@ -241,11 +241,14 @@ class ReferenceModule:
 
   def __init__(self, module_path: str, *,
                module: Optional[legacy_format.LegacyModule] = None,
+               checkpoint: Optional[Mapping[str, np.ndarray]] = None,
                optimize_graphs: bool = True):
-    """`optimize_graphs=False` runs the Sessions with Grappler off."""
+    """`module` and `checkpoint` (`read_checkpoint`), if given, save reading
+    them again; `optimize_graphs=False` runs the Sessions with Grappler off."""
     self.module = module or legacy_format.read_module(module_path)
     self._optimize = optimize_graphs
-    self._checkpoint = read_checkpoint(self.module)
+    self._checkpoint = (dict(checkpoint) if checkpoint is not None
+                        else read_checkpoint(self.module))
     self._sessions: dict[frozenset[str], _GraphSession] = {}
 
   # -- graphs --------------------------------------------------------------

@@ -459,17 +459,22 @@ class Expected:
   seconds: float = 0.0
 
 
-def reference_side(old_path: str, spec: Spec) -> Expected:
+def reference_side(old_path: str, spec: Spec, *,
+                   module: Optional[legacy_format.LegacyModule] = None,
+                   checkpoint: Optional[Mapping[str, np.ndarray]] = None
+                   ) -> Expected:
   """Runs the TF1 module at `old_path` (graph mode, Session) for `spec`.
 
   Needs nothing of the converted model, so it can run before the model
-  exists, in another process (`start_reference`).
+  exists, in another process (`start_reference`). In this process, the
+  caller may pass the module and its checkpoint, already read.
   """
   start = time.monotonic()
-  module = legacy_format.read_module(old_path)
+  module = module or legacy_format.read_module(old_path)
   expected = Expected(spec=spec)
   with _deterministic_ops(), reference_lib.ReferenceModule(
-      old_path, module=module, optimize_graphs=spec.optimize_graphs) as ref:
+      old_path, module=module, checkpoint=checkpoint,
+      optimize_graphs=spec.optimize_graphs) as ref:
     sigs = _image_signatures(module)
     feeds = {s.inputs["images"].tensor_name for s in sigs.values()}
     fetches = {o.tensor_name: o.tensor_name for s in sigs.values()
@@ -543,13 +548,15 @@ class PendingReference:
         what=f"{old_path} (reference side of the parity checks)")
                   if in_child else None)
 
-  def result(self) -> Expected:
+  def result(self, **read: Any) -> Expected:
+    """The `Expected`; `read` (module=, checkpoint=) is passed on to
+    `reference_side` when it runs in this process."""
     if self._value is None:
       if self._call is not None:
         call, self._call = self._call, None
         self._value = call.result()
       else:
-        self._value = reference_side(self._old_path, self.spec)
+        self._value = reference_side(self._old_path, self.spec, **read)
     return self._value
 
   def cancel(self) -> None:
@@ -1149,7 +1156,7 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
                                   module=v.module)
     try:
       v.run_converted()
-      v.check_all(reference.result())
+      v.check_all(reference.result(module=v.module, checkpoint=v.checkpoint))
     finally:
       reference.cancel()
       v.restore_variables()
