@@ -904,7 +904,7 @@ class _Verifier:
       for key in sorted(set(wanted) | set(actual)):
         self.add(compare_lib.compare_many(
             f"signature/{name}/{key}", actual.get(key, {}),
-            wanted.get(key, {}), "inference"))
+            wanted.get(key, {}), self.tolerance("inference")))
 
   def check_call_inference(self, expected: Expected) -> None:
     sig = self.module.inference.signatures[self.spec.signature]
@@ -922,7 +922,7 @@ class _Verifier:
       else:
         widths.add(int(out.shape[1]))
     self.add(compare_lib.compare_many("call/inference", actual, wanted,
-                                      "inference"))
+                                      self.tolerance("inference")))
     self.add(compare_lib.check(
         "call/image_api", not conventions,
         "float32 [batch, width] for every input" if not conventions else
@@ -1003,7 +1003,7 @@ class _Verifier:
   def compare_step(self, prefix: str, actual: _ActualStep,
                    ref: ExpectedStep) -> None:
     self.add(compare_lib.compare(f"{prefix}/output", actual.output, ref.output,
-                                 "training_output"))
+                                 self.tolerance("training_output")))
     changed_new, changed_ref = sorted(actual.changed), sorted(ref.changed)
     # Variables neither side changed are equal by `variables/values`.
     moved = set(changed_ref) | set(changed_new)

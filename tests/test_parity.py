@@ -101,7 +101,7 @@ def test_every_signature_output_matches_goldens(converted, name):
       for key, value in outputs.items():
         _assert_ok(compare.compare(f"{sig}/{key}/{tag}", value.numpy(),
                                    c.arrays[f"infer/{sig}/{key}/{tag}"],
-                                   "golden_inference"))
+                                   _tolerance(name, "golden_inference")))
         checked += 1
   assert checked == sum(k.startswith("infer/") for k in c.arrays)
 
@@ -114,7 +114,7 @@ def test_call_matches_goldens(converted, name):
     out = c.model(tf.constant(c.arrays["images/" + tag]))
     _assert_ok(compare.compare(f"__call__/{tag}", out.numpy(),
                                c.arrays[f"infer/{sig}/{key}/{tag}"],
-                               "golden_inference"))
+                               _tolerance(name, "golden_inference")))
 
 
 def _train_expected(c: _Converted, sig: str, key: str) -> np.ndarray:
@@ -125,11 +125,12 @@ def _train_expected(c: _Converted, sig: str, key: str) -> np.ndarray:
   return c.arrays[f"infer/{sig}/{key}/{c.meta['train_batch']}"]
 
 
-def _gradient_tolerance(name: str) -> str:
+def _tolerance(name: str, entry: str) -> str:
+  """`entry`, or its fake-quant entry for modules with FakeQuant* ops."""
   module = legacy_format.read_module(conftest.module_path(name))
   fake_quant = any(node.op.startswith("FakeQuant") for v in module.variants.values()
                    for node in v.graph_def.node)
-  return "golden_gradient_norms_fake_quant" if fake_quant else "golden_gradient_norms"
+  return f"{entry}_fake_quant" if fake_quant else entry
 
 
 def _training_call(c: _Converted, sig: str, shape):
@@ -159,7 +160,8 @@ def test_training_step_matches_goldens(converted, name):
   finally:
     c.restore()
   _assert_ok(compare.compare("train output", out.numpy(),
-                             _train_expected(c, sig, key), "golden_training"))
+                             _train_expected(c, sig, key),
+                             _tolerance(name, "golden_training")))
   before = {n[len("moving_before/"):]: v for n, v in c.arrays.items()
             if n.startswith("moving_before/")}
   expected = {n[len("moving_after/"):]: v for n, v in c.arrays.items()
@@ -233,7 +235,7 @@ def test_gradient_norms_match_goldens(converted, name):
   assert set(expected) == set(meta["trainable_variables"])
   scale = max(float(v) for v in expected.values())
   _assert_ok(compare.compare_many("grad_norm", norms, expected,
-                                  _gradient_tolerance(name), scale=scale))
+                                  _tolerance(name, "golden_gradient_norms"), scale=scale))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -264,12 +266,18 @@ def test_verify_passes_when_the_output_ignores_some_variables(convert_cached):
   assert report.check("train/gradients").passed
 
 
-@pytest.mark.parametrize("name,entry", [("mobilenet_quantops", "gradients_fake_quant"),
-                                        ("resnet_v2_tiny", "gradients")])
-def test_gradient_tolerance_is_quantization_aware_only_for_fake_quant(convert_cached, name, entry):
+@pytest.mark.parametrize("name,suffix", [("mobilenet_quantops", "_fake_quant"),
+                                         ("resnet_v2_tiny", "")])
+def test_tolerances_are_quantization_aware_only_for_fake_quant(convert_cached, name, suffix):
   report = verify_lib.verify(conftest.module_path(name), convert_cached(name))
   from migrate import tolerances  # pylint: disable=g-import-not-at-top
-  assert report.check("train/gradients").rtol == tolerances.get(entry).rtol
+  assert report.check("train/gradients").rtol == tolerances.get(
+      "gradients" + suffix).rtol  # Its atol is scaled by the largest gradient.
+  for check, entry in (("train/output", "training_output"),
+                       ("call/inference", "inference")):
+    wanted = tolerances.get(entry + suffix)
+    assert (report.check(check).rtol, report.check(check).atol) == (
+        wanted.rtol, wanted.atol), check
 
 
 @pytest.mark.parametrize("name", NAMES)
