@@ -353,9 +353,7 @@ def build(module: legacy_format.LegacyModule,
   if plan.has_train_graph:
     train_def = graph_defs[legacy_format.TRAIN_TAGS]
     train_output = module.train.signatures[plan.signature].outputs[plan.output_key].tensor_name
-    match = None
-    if plan.kind == plan_lib.FEATURE_VECTOR:
-      match = graph_rewrite.find_output_dropout(train_def, train_output)
+    match = plan_lib.output_dropout(module, plan, train_def)
     if match is not None and plan.remove_output_dropout:
       train_def, train_output = graph_rewrite.bypass_output_dropout(
           train_def, train_output, match)

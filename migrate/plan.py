@@ -14,6 +14,7 @@ from typing import Mapping, Optional, Sequence
 import tensorflow as tf
 
 from migrate import errors
+from migrate import graph_rewrite
 from migrate import legacy_format
 
 IMAGES_INPUT = "images"
@@ -222,3 +223,19 @@ def make_plan(module: legacy_format.LegacyModule, *,
       hparams_signature=hparams_signature,
       has_train_graph=train is not None,
       remove_output_dropout=remove_output_dropout)
+
+
+def output_dropout(module: legacy_format.LegacyModule, plan: MigrationPlan,
+                   train_graph_def=None) -> Optional[graph_rewrite.DropoutMatch]:
+  """The dropout the train graph applies last to the chosen feature vector.
+
+  None for classifiers (dropout before logits is theirs to keep) and for
+  modules without a train graph. `train_graph_def` (default: the module's)
+  is searched, e.g. a rewritten copy with the same node names.
+  """
+  if not plan.has_train_graph or plan.kind != FEATURE_VECTOR:
+    return None
+  tensor = module.train.signatures[plan.signature].outputs[plan.output_key].tensor_name
+  return graph_rewrite.find_output_dropout(
+      module.train.graph_def if train_graph_def is None else train_graph_def,
+      tensor)

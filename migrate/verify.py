@@ -54,9 +54,9 @@ from tensorflow.python.framework import config as tf_config
 from tensorflow.python.framework import function_def_to_graph
 
 from migrate import compare as compare_lib
-from migrate import graph_rewrite
 from migrate import isolation
 from migrate import legacy_format
+from migrate import plan as plan_lib
 from migrate import reference as reference_lib
 
 CheckResult = compare_lib.CheckResult
@@ -72,7 +72,6 @@ NON_DEFAULT_HPARAM = 0.5
 # two processes could only take turns.
 PARALLEL_MIN_BYTES = 4 * 2**20
 PARALLEL_MIN_CPUS = 2
-CLASSIFICATION = "image_classification"
 _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 METHOD_NONE = "none: the training path depends on no random op"
 METHOD_FED = ("fed: the random ops' outputs were fed the same seeded values "
@@ -324,20 +323,13 @@ def _image_size(size) -> Optional[tuple[int, int]]:
   return size if len(size) == 2 and all(size) else None
 
 
-def spec_for_plan(module: legacy_format.LegacyModule, plan: Any, *,
+def spec_for_plan(module: legacy_format.LegacyModule,
+                  plan: plan_lib.MigrationPlan, *,
                   seed: int = 0, optimize_graphs: bool = False) -> Spec:
-  """The spec of a model converted with `plan` (a `plan.MigrationPlan`).
-
-  Mirrors the metadata that the converter writes; only the output dropout is
-  looked up here, in the module's own train graph.
-  """
-  removed = ""
-  if (plan.has_train_graph and plan.remove_output_dropout and
-      plan.kind != CLASSIFICATION):
-    tensor = module.train.signatures[plan.signature].outputs[
-        plan.output_key].tensor_name
-    match = graph_rewrite.find_output_dropout(module.train.graph_def, tensor)
-    removed = match.output_node if match else ""
+  """The spec of a model converted with `plan`: what its metadata will say."""
+  match = (plan_lib.output_dropout(module, plan)
+           if plan.remove_output_dropout else None)
+  removed = match.output_node if match else ""
   return Spec(seed=seed, signature=plan.signature, output_key=plan.output_key,
               hparams=tuple(h.name for h in plan.hparams),
               output_dropout_removed=removed,
@@ -935,7 +927,7 @@ class _Verifier:
         f"output widths {sorted(widths)} over input sizes "
         f"{_sizes(self.module, self.spec, sig)}; "
         f"metadata says {declared or 'unknown'}"))
-    if self.meta.get("output_kind") == CLASSIFICATION and all(
+    if self.meta.get("output_kind") == plan_lib.CLASSIFICATION and all(
         actual[t].shape == wanted[t].shape for t in wanted):
       a = np.concatenate([actual[t] for t in sorted(wanted)])
       e = np.concatenate([wanted[t] for t in sorted(wanted)])
