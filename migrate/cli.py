@@ -150,7 +150,7 @@ def _convert(src: str, dst: str) -> int:
     after = _identity(dst)
     if after is not None and after != before:
       raise errors.WorkerCrashedError(
-          str(e).replace("; nothing was written", "") +
+          str(e).replace(isolation.NOTHING_WRITTEN, "") +
           f"; it had already moved the finished model into place at {dst} "
           f"(complete{', verified' if _VERIFY.value else ''}); only its "
           f"summary was lost") from None

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional, Union
 from migrate import errors
 
 _PR_SET_PDEATHSIG = 1
+# How a crash message ends; a caller that finds the work did land replaces it.
+NOTHING_WRITTEN = "; nothing was written"
 _STDERR_SWAP = threading.Lock()
 
 
@@ -119,7 +121,7 @@ class IsolatedCall:
                else f"exited with code {code}")
         raise errors.WorkerCrashedError(
             f"{what}: TensorFlow {how} while processing this module (a malformed "
-            f"graph can abort it); nothing was written") from None
+            f"graph can abort it){NOTHING_WRITTEN}") from None
       process.join()
     except BaseException:
       self.cancel()
