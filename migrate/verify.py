@@ -1005,7 +1005,7 @@ class _Verifier:
         {n: actual.changed.get(n, self.saved_values[n]) for n in moved
          if n in self.saved_values},
         {n: ref.changed.get(n, self.checkpoint.get(n)) for n in moved if n in names},
-        "moving_averages"))
+        self.tolerance("moving_averages")))
     self.add(compare_lib.check(
         f"{prefix}/updated_variables", changed_ref == changed_new,
         f"{len(changed_new)} variables updated, the module updates "

@@ -173,7 +173,7 @@ def test_training_step_matches_goldens(converted, name):
       "moving_before", {n: c.initial[n] for n in before}, before, "variables"))
   _assert_ok(compare.compare_many(
       "moving_after", {n: after[n] for n in expected}, expected,
-      "golden_moving_averages"))
+      _tolerance(name, "golden_moving_averages")))
   # A check that cannot fail is a defect: the step must move what TF1 moved.
   moved = [n for n in expected if not np.array_equal(expected[n], c.initial[n])]
   assert bool(moved) == bool(c.meta["train_signatures"] and c.meta["num_update_ops"])
@@ -194,7 +194,7 @@ def test_training_step_with_hparams_matches_goldens(converted, name):
   assert expected
   _assert_ok(compare.compare_many("moving_after_hparams",
                                   {n: after[n] for n in expected}, expected,
-                                  "golden_moving_averages"))
+                                  _tolerance(name, "golden_moving_averages")))
   default = {n[len("moving_after/"):]: v for n, v in c.arrays.items()
              if n.startswith("moving_after/")}
   assert not compare.compare_many("hparams matter", expected, default,
@@ -274,6 +274,7 @@ def test_tolerances_are_quantization_aware_only_for_fake_quant(convert_cached, n
   assert report.check("train/gradients").rtol == tolerances.get(
       "gradients" + suffix).rtol  # Its atol is scaled by the largest gradient.
   for check, entry in (("train/output", "training_output"),
+                       ("train/moving_averages", "moving_averages"),
                        ("call/inference", "inference")):
     wanted = tolerances.get(entry + suffix)
     assert (report.check(check).rtol, report.check(check).atol) == (
