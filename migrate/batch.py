@@ -751,10 +751,7 @@ class Progress:
 
 
 def default_jobs() -> int:
-  try:
-    return max(1, len(os.sched_getaffinity(0)))
-  except AttributeError:
-    return max(1, os.cpu_count() or 1)
+  return isolation.usable_cpus()
 
 
 # -- the batch -------------------------------------------------------------------

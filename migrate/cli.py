@@ -120,6 +120,14 @@ def _identity(path: str):
   return (st.st_dev, st.st_ino)
 
 
+def _reference_prestart(src: str) -> tuple[str, ...]:
+  """What the worker prestarts: the reference side's child, when verification
+  will give it one, so that its TensorFlow import overlaps the worker's."""
+  from migrate import preflight  # pylint: disable=g-import-not-at-top
+  prefix = os.path.join(src, preflight.CHECKPOINT_PREFIX)
+  return ("migrate.verify",) if preflight.reference_child_pays(prefix) else ()
+
+
 def _convert(src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
@@ -133,6 +141,7 @@ def _convert(src: str, dst: str) -> int:
     result = isolation.run_isolated(
         "migrate.convert:convert_to_dict", src, dst, what=src,
         timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
+        prestart=_reference_prestart(src) if _VERIFY.value else (),
         signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
         overwrite=_OVERWRITE.value,
         keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
@@ -171,6 +180,7 @@ def _verify(old: str, new: str) -> int:
   report = isolation.run_isolated(
       "migrate.convert:verify_to_dict", old, new, what=old,
       timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
+      prestart=_reference_prestart(old),
       allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
   print(report["table"])
   _write_report(report["json"])

@@ -8,6 +8,13 @@ TensorFlow is loaded), returns its result or re-raises its
 `WorkerCrashedError` / `WorkerTimeoutError` with one clear line. The child
 dies with its parent (PR_SET_PDEATHSIG), so killing the CLI leaves no orphan
 still writing; its temporary directory is cleaned by the next run.
+
+`prestart(module)` spawns a child that imports `module` at once and then
+waits: the next `start_isolated` of a function of that module runs there
+instead of in a fresh child. A worker prestarts the verification's reference
+child before it imports TensorFlow itself (`run_isolated(prestart=...)`), so
+the two imports overlap; otherwise the child's import is paid while the
+worker waits.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ _PR_SET_PDEATHSIG = 1
 # How a crash message ends; a caller that finds the work did land replaces it.
 NOTHING_WRITTEN = "; nothing was written"
 _STDERR_SWAP = threading.Lock()
+# Prestarted children by module name: (process, duplex connection), unused.
+_PRESTARTED: dict[str, list[tuple[Any, Any]]] = {}
 
 
 def _die_with_parent() -> None:
@@ -60,6 +69,14 @@ def _start_with_quiet_stderr(process) -> None:
       os.close(devnull)
 
 
+def usable_cpus() -> int:
+  """CPUs this process may run on (its affinity mask, else the machine's)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except (AttributeError, OSError):
+    return max(1, os.cpu_count() or 1)
+
+
 def _resolve(target: Union[str, Callable[..., Any]]) -> Callable[..., Any]:
   if callable(target):
     return target
@@ -67,7 +84,27 @@ def _resolve(target: Union[str, Callable[..., Any]]) -> Callable[..., Any]:
   return getattr(importlib.import_module(module_name), attr)
 
 
-def _child(conn, parent_pid: int, work: bytes) -> None:
+def _run(work: bytes) -> tuple[str, Any]:
+  """One unit of work: ("ok", result), ("error", MigrationError) or ("bug", ...)."""
+  try:
+    fn, args, kwargs = pickle.loads(work)
+    return ("ok", _resolve(fn)(*args, **kwargs))
+  except errors.MigrationError as e:
+    return ("error", e)
+  except BaseException as e:  # pylint: disable=broad-except
+    return ("bug", (type(e).__name__, str(e), traceback.format_exc()))
+
+
+def _reply(conn, work: bytes) -> None:
+  try:
+    conn.send(_run(work))
+  except Exception as e:  # pylint: disable=broad-except
+    conn.send(("bug", (type(e).__name__, str(e), traceback.format_exc())))
+
+
+def _child(conn, parent_pid: int, work: Optional[bytes],
+           preload: Optional[str] = None, prestart_modules: tuple[str, ...] = (),
+           quiet: bool = True) -> None:
   # The work is unpickled only here, after PR_SET_PDEATHSIG: unpickling a
   # callable imports its module (TensorFlow: seconds), and a parent killed
   # during that time would leave an orphan that goes on to write DST.
@@ -75,14 +112,25 @@ def _child(conn, parent_pid: int, work: bytes) -> None:
   if os.getppid() != parent_pid:
     os._exit(70)  # The parent is already gone: do nothing.
   try:
-    fn, args, kwargs = pickle.loads(work)
-    result = _resolve(fn)(*args, **kwargs)
-    conn.send(("ok", result))
-  except errors.MigrationError as e:
-    conn.send(("error", e))
-  except BaseException as e:  # pylint: disable=broad-except
-    conn.send(("bug", (type(e).__name__, str(e), traceback.format_exc())))
+    for module_name in prestart_modules:  # Before this process imports TensorFlow.
+      prestart(module_name, quiet=quiet)
+    if work is not None:  # One call, on a one-way pipe.
+      _reply(conn, work)
+      return
+    # Reusable: import `preload` now, then run calls until the pipe closes.
+    if preload:
+      try:
+        importlib.import_module(preload)
+      except BaseException:  # pylint: disable=broad-except
+        pass  # The first call imports it again and reports what fails.
+    while True:
+      try:
+        work = conn.recv_bytes()
+      except EOFError:
+        return  # No more work.
+      _reply(conn, work)
   finally:
+    stop_prestarted()
     conn.close()
 
 
@@ -94,12 +142,26 @@ def _signal_name(code: int) -> str:
 
 
 class IsolatedCall:
-  """Work started by `start_isolated`: `result()` waits for it, `cancel()` stops it."""
+  """Work started by `start_isolated`: `result()` waits for it, `cancel()` stops it.
 
-  def __init__(self, process, conn, what: str):
+  In a reusable child (`start_isolated(reusable=True)`, `prestart`), the child
+  waits for more work after replying: `submit` sends it the next call, and
+  the caller stops it with `cancel()` when done.
+  """
+
+  def __init__(self, process, conn, what: str, reusable: bool = False):
     self._process = process
     self._conn = conn
     self._what = what
+    self._reusable = reusable
+    self._replied = False
+
+  def ready(self) -> bool:
+    """Whether `result()` would return without waiting."""
+    try:
+      return self._replied or self._conn.poll(0)
+    except (OSError, ValueError):  # Closed: result() raises at once.
+      return True
 
   def result(self, timeout: Optional[float] = None) -> Any:
     """The work's result; raises as `run_isolated` documents."""
@@ -122,12 +184,15 @@ class IsolatedCall:
         raise errors.WorkerCrashedError(
             f"{what}: TensorFlow {how} while processing this module (a malformed "
             f"graph can abort it){NOTHING_WRITTEN}") from None
-      process.join()
+      if not self._reusable:
+        process.join()
     except BaseException:
       self.cancel()
       raise
     finally:
-      conn.close()
+      if not self._reusable:
+        conn.close()
+    self._replied = True
     if status == "ok":
       return payload
     if status == "error":
@@ -137,6 +202,20 @@ class IsolatedCall:
                                f"{message.strip().splitlines()[0][:300] if message.strip() else ''})",
                                traceback_text=trace)
 
+  def submit(self, fn: Union[str, Callable[..., Any]], *args: Any, what: str,
+             **kwargs: Any) -> "IsolatedCall":
+    """Runs `fn(*args, **kwargs)` next in the same (reusable) child, once this
+    call's result was taken."""
+    if not (self._reusable and self._replied):
+      raise ValueError("submit needs a reusable child whose result was taken")
+    try:
+      self._conn.send_bytes(pickle.dumps((fn, args, kwargs)))
+    except (OSError, ValueError):
+      self.cancel()
+      raise errors.WorkerCrashedError(
+          f"{what}: the worker process is gone{NOTHING_WRITTEN}") from None
+    return IsolatedCall(self._process, self._conn, what, reusable=True)
+
   def cancel(self) -> None:
     """Kills the child if it still runs (its result is dropped)."""
     if self._process.is_alive():
@@ -145,29 +224,95 @@ class IsolatedCall:
     self._conn.close()
 
 
-def start_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
-                   quiet: bool = True, **kwargs: Any) -> IsolatedCall:
-  """Starts `fn(*args, **kwargs)` in a child process; see `run_isolated`."""
+def _spawn(conn, work: Optional[bytes], quiet: bool, **child_kwargs: Any):
   ctx = multiprocessing.get_context("spawn")
-  parent_conn, child_conn = ctx.Pipe(duplex=False)
-  work = pickle.dumps((fn, args, kwargs))
   # Not a daemon: a daemonic process may not start children, and a worker
   # starts one for the reference side of verification. The child dies with
   # this process all the same (PR_SET_PDEATHSIG), and every path through
   # `IsolatedCall` joins or kills it.
-  process = ctx.Process(target=_child, args=(child_conn, os.getpid(), work),
-                        daemon=False)
+  process = ctx.Process(target=_child, args=(conn, os.getpid(), work),
+                        kwargs=dict(child_kwargs, quiet=quiet), daemon=False)
   if quiet:
     _start_with_quiet_stderr(process)
   else:
     process.start()
+  return process
+
+
+def _spawn_reusable(preload: Optional[str], quiet: bool):
+  ctx = multiprocessing.get_context("spawn")
+  parent_conn, child_conn = ctx.Pipe(duplex=True)
+  process = _spawn(child_conn, None, quiet, preload=preload)
+  child_conn.close()
+  return process, parent_conn
+
+
+def prestart(module_name: str, *, quiet: bool = True) -> int:
+  """Spawns a reusable child that imports `module_name` now and waits.
+
+  The next `start_isolated` of a function of `module_name` ("module:function")
+  runs in it. Returns its pid. `stop_prestarted` stops the unused ones (a
+  worker does so when its work ends).
+  """
+  process, conn = _spawn_reusable(module_name, quiet)
+  _PRESTARTED.setdefault(module_name, []).append((process, conn))
+  return process.pid
+
+
+def stop_prestarted() -> None:
+  """Kills the prestarted children that got no work."""
+  while _PRESTARTED:
+    _, waiting = _PRESTARTED.popitem()
+    for process, conn in waiting:
+      conn.close()
+      process.kill()
+      process.join()
+
+
+def _take_prestarted(fn: Union[str, Callable[..., Any]], work: bytes,
+                     what: str) -> Optional[IsolatedCall]:
+  """Hands `work` to a prestarted child of `fn`'s module, if one is alive."""
+  if not isinstance(fn, str):
+    return None
+  waiting = _PRESTARTED.get(fn.partition(":")[0], [])
+  while waiting:
+    process, conn = waiting.pop(0)
+    try:
+      conn.send_bytes(work)
+      return IsolatedCall(process, conn, what, reusable=True)
+    except OSError:  # It died while importing: use a fresh child.
+      conn.close()
+      process.kill()
+      process.join()
+  return None
+
+
+def start_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
+                   quiet: bool = True, prestart: tuple[str, ...] = (),
+                   reusable: bool = False, **kwargs: Any) -> IsolatedCall:
+  """Starts `fn(*args, **kwargs)` in a child process; see `run_isolated`.
+
+  A prestarted child of `fn`'s module is used if there is one (it is
+  reusable). `reusable=True` keeps the child for `IsolatedCall.submit`.
+  """
+  work = pickle.dumps((fn, args, kwargs))
+  call = _take_prestarted(fn, work, what)
+  if call is not None:
+    return call
+  if reusable:
+    process, conn = _spawn_reusable(None, quiet)
+    conn.send_bytes(work)
+    return IsolatedCall(process, conn, what, reusable=True)
+  ctx = multiprocessing.get_context("spawn")
+  parent_conn, child_conn = ctx.Pipe(duplex=False)
+  process = _spawn(child_conn, work, quiet, prestart_modules=tuple(prestart))
   child_conn.close()
   return IsolatedCall(process, parent_conn, what)
 
 
 def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
                  timeout: Optional[float] = None, quiet: bool = True,
-                 **kwargs: Any) -> Any:
+                 prestart: tuple[str, ...] = (), **kwargs: Any) -> Any:
   """Runs `fn(*args, **kwargs)` in a child process and returns its result.
 
   `fn` is a picklable callable, or "package.module:function", imported only
@@ -176,6 +321,11 @@ def run_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
   child's `MigrationError`, `WorkerCrashedError` if the child died (signal or
   exit without a result), `WorkerTimeoutError` after `timeout` seconds, and
   `errors.InternalError` for a bug in the child (with its traceback text).
+  The child first `prestart`s a child for each module in `prestart`.
   """
-  return start_isolated(fn, *args, what=what, quiet=quiet, **kwargs).result(
-      timeout)
+  call = start_isolated(fn, *args, what=what, quiet=quiet, prestart=prestart,
+                        **kwargs)
+  try:
+    return call.result(timeout)
+  finally:
+    call.cancel()  # A prestarted (reusable) child would wait for more.

@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 
 from migrate import errors
+from migrate import isolation
 
 SAVED_MODEL_FILENAME = "saved_model.pb"
 SAVED_MODEL_TEXT_FILENAME = "saved_model.pbtxt"
 MODULE_DEF_FILENAME = "tfhub_module.pb"
 FINGERPRINT_FILENAME = "fingerprint.pb"  # Written by TF2 (>= 2.9) savers only.
+CHECKPOINT_PREFIX = os.path.join("variables", "variables")
+# When the reference side of verification gets a child process of its own
+# (`reference_child_pays`): below this much checkpoint data, the child's
+# TensorFlow import costs more than the Session work it takes off the
+# verifying process; with one CPU, the two processes could only take turns.
+PARALLEL_MIN_BYTES = 4 * 2**20
+PARALLEL_MIN_CPUS = 2
 
 
 def check_source(path: str) -> bool:
@@ -92,3 +100,21 @@ def check_converted(new: str) -> None:
     raise errors.NotAHubModuleError(
         f"{new}: expected a converted SavedModel, found a TF1 Hub module "
         f"({MODULE_DEF_FILENAME}); convert it first")
+
+
+def checkpoint_bytes(prefix: str) -> int:
+  """Bytes of the checkpoint files at `prefix` (0 if there are none)."""
+  folder, name = os.path.split(prefix)
+  try:
+    return sum(os.path.getsize(os.path.join(folder, f))
+               for f in os.listdir(folder) if f.startswith(name + "."))
+  except OSError:
+    return 0
+
+
+def reference_child_pays(checkpoint_prefix: str) -> bool:
+  """Whether the reference side of verification should get its own child
+  process: at least `PARALLEL_MIN_CPUS` usable CPUs and `PARALLEL_MIN_BYTES`
+  of checkpoint at `checkpoint_prefix`."""
+  return (isolation.usable_cpus() >= PARALLEL_MIN_CPUS and
+          checkpoint_bytes(checkpoint_prefix) >= PARALLEL_MIN_BYTES)
