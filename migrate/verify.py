@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -57,6 +56,7 @@ from migrate import compare as compare_lib
 from migrate import isolation
 from migrate import legacy_format
 from migrate import plan as plan_lib
+from migrate import preflight
 from migrate import reference as reference_lib
 
 CheckResult = compare_lib.CheckResult
@@ -66,12 +66,6 @@ FALLBACK_IMAGE_SIZE = (32, 32)
 SECOND_RESOLUTION_DELTA = (8, 16)
 LARGE_IMAGE = 128
 NON_DEFAULT_HPARAM = 0.5
-# When the reference side gets a child process of its own (`start_reference`):
-# below this much checkpoint data, the child's TensorFlow import costs more
-# than the Session work it takes off the verifying process; with one CPU, the
-# two processes could only take turns.
-PARALLEL_MIN_BYTES = 4 * 2**20
-PARALLEL_MIN_CPUS = 2
 _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 METHOD_NONE = "none: the training path depends on no random op"
 METHOD_FED = ("fed: the random ops' outputs were fed the same seeded values "
@@ -88,6 +82,8 @@ class ParityReport:
   method_for_random_ops: str = METHOD_NONE
   warnings: list[str] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
+  # Where each part ran: "this process" or "child process".
+  processes: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def passed(self) -> bool:
@@ -126,6 +122,7 @@ class ParityReport:
         "first_failure": self.first_failure.name if self.first_failure else None,
         "method_for_random_ops": self.method_for_random_ops,
         "warnings": list(self.warnings), "seconds": round(self.seconds, 3),
+        "processes": dict(self.processes),
         "checks": [c.to_dict() for c in self.checks]}, indent=1)
 
   def format_table(self) -> str:
@@ -528,6 +525,7 @@ class PendingReference:
   In a child process (`isolation.start_isolated`), it runs while the caller
   converts or loads the model: the TF1 Session side needs only the module.
   Otherwise it runs in this process when its result is first asked for.
+  A child that has finished stays (TensorFlow imported) for `offload`.
   """
 
   def __init__(self, old_path: str, spec: Spec, in_child: bool):
@@ -535,36 +533,37 @@ class PendingReference:
     self.in_child = in_child
     self._old_path = old_path
     self._value: Optional[Expected] = None
-    self._call = (isolation.start_isolated(
-        "migrate.verify:reference_side", old_path, spec,
+    self._child = (isolation.start_isolated(
+        "migrate.verify:reference_side", old_path, spec, reusable=True,
         what=f"{old_path} (reference side of the parity checks)")
-                  if in_child else None)
+                   if in_child else None)
 
   def result(self, **read: Any) -> Expected:
     """The `Expected`; `read` (module=, checkpoint=) is passed on to
     `reference_side` when it runs in this process."""
     if self._value is None:
-      if self._call is not None:
-        call, self._call = self._call, None
-        self._value = call.result()
+      if self._child is not None:
+        self._value = self._child.result()
       else:
         self._value = reference_side(self._old_path, self.spec, **read)
     return self._value
 
+  def offload(self, fn: str, *args: Any) -> Optional[isolation.IsolatedCall]:
+    """Starts `fn(*args)` in the child if it has already finished the
+    reference side (else None: it would only queue behind it)."""
+    if self._child is None or not (self._value is not None or
+                                   self._child.ready()):
+      return None
+    self.result()
+    return self._child.submit(
+        fn, *args, what=f"{self._old_path} (converted side of the parity checks)")
+
   def cancel(self) -> None:
-    """Stops the child, if any (a later `result()` runs in this process)."""
-    if self._call is not None:
-      self._call.cancel()
-      self._call = None
-
-
-def _checkpoint_bytes(module: legacy_format.LegacyModule) -> int:
-  folder, prefix = os.path.split(module.checkpoint_prefix)
-  try:
-    return sum(os.path.getsize(os.path.join(folder, f))
-               for f in os.listdir(folder) if f.startswith(prefix))
-  except OSError:
-    return 0
+    """Stops the child, if any (a later `result()` runs in this process if
+    the child had not answered)."""
+    if self._child is not None:
+      self._child.cancel()
+      self._child = None
 
 
 def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = None,
@@ -572,11 +571,11 @@ def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = Non
                     ) -> PendingReference:
   """Starts the reference side for `spec`.
 
-  `parallel=None` runs it in a child process when this process may use at
-  least `PARALLEL_MIN_CPUS` CPUs and the module's checkpoint has at least
-  `PARALLEL_MIN_BYTES`; otherwise it runs in this process, when its result
-  is first needed. Even on 2 CPUs the child pays for its own TensorFlow
-  import: conversion + verification of ResNet-v2-50 took 8.0-9.1 s with it
+  `parallel=None` runs it in a child process when
+  `preflight.reference_child_pays` (2 CPUs, a checkpoint of 4 MiB);
+  otherwise it runs in this process, when its result is first needed. A
+  child prestarted for "migrate.verify" (`isolation.prestart`) is used.
+  Even on 2 CPUs the child pays for its own TensorFlow import: conversion + verification of ResNet-v2-50 took 8.0-9.1 s with it
   and 9.6-10.6 s without (MobileNet-v2: 6.6-7.2 s against 7.7-8.2 s).
   The child inherits this process's environment, thread settings included:
   the same kernels on a different number of threads sum in another order
@@ -585,19 +584,37 @@ def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = Non
   """
   if parallel is None:
     module = module or legacy_format.read_module(old_path)
-    parallel = (_usable_cpus() >= PARALLEL_MIN_CPUS and
-                _checkpoint_bytes(module) >= PARALLEL_MIN_BYTES)
+    parallel = preflight.reference_child_pays(module.checkpoint_prefix)
   return PendingReference(old_path, spec, in_child=parallel)
 
 
-def _usable_cpus() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except (AttributeError, OSError):
-    return os.cpu_count() or 1
-
-
 # -- the converted side and the checks ---------------------------------------------
+
+@dataclasses.dataclass
+class ConvertedInference:
+  """The converted model's inference runs (`_Verifier.run_inference`), as data."""
+
+  signature_outputs: dict[tuple[str, str], dict[str, np.ndarray]]
+  call_outputs: dict[str, np.ndarray]
+  warnings: list[str]
+
+
+def converted_inference(old_path: str, new_path: str, spec: Spec
+                        ) -> ConvertedInference:
+  """Runs the converted model's serving signatures and `__call__` in
+  inference mode for `spec`: what `verify` offloads to the reference child
+  once that has finished, while it runs the training steps itself. Another
+  process holds its own copy of the variables, so the training steps'
+  updates cannot reach these runs."""
+  with _grappler(spec.optimize_graphs), _deterministic_ops():
+    v = _Verifier(old_path, new_path, spec.seed, None, None,
+                  spec.optimize_graphs)
+    v.spec = spec
+    v.run_inference()
+  return ConvertedInference(v.signature_outputs, v.call_outputs,
+                            v.report.warnings)
+
+
 
 @dataclasses.dataclass
 class _ActualStep:
@@ -630,7 +647,7 @@ class _Verifier:
     self.checkpoint: dict[str, np.ndarray] = {}
     # What the converted model computed, filled by `run_converted`.
     self.signature_outputs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    self.call_outputs: dict[str, tf.Tensor] = {}
+    self.call_outputs: dict[str, np.ndarray] = {}
     self.steps: dict[str, _ActualStep] = {}
     self.regularization: list[float] = []
 
@@ -649,30 +666,52 @@ class _Verifier:
 
   # ---- running the converted model
 
-  def run_converted(self) -> None:
-    """Everything the checks need from the converted model.
+  def run_converted(self, inference_elsewhere: bool = False) -> None:
+    """Everything the checks need from the converted model (but
+    `run_inference` if `inference_elsewhere`: another process runs it).
 
     Tracing the training steps (building their backward pass) is Python
     work and running the signatures is mostly TensorFlow's C++ work, which
     releases the GIL: a background thread traces while this one runs the
     inference functions.
     """
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      traced = pool.submit(self.trace_functions)
+    if inference_elsewhere:
+      traced = self.trace_functions(eager_steps=True)
       self.checkpoint = reference_lib.read_checkpoint(self.module)
-      self.run_signatures()
-      if self.spec.signature:
-        self.run_call()
-      traced = traced.result()
+    else:
+      with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        traced = pool.submit(self.trace_functions)
+        self.checkpoint = reference_lib.read_checkpoint(self.module)
+        self.run_inference()
+        traced = traced.result()
     self.run_training(traced)
     regularization = traced["regularization"]
     self.regularization = ([float(v) for v in regularization()]
                            if regularization is not None else [])
 
-  def trace_functions(self) -> dict[str, Any]:
+  def run_inference(self) -> None:
+    """The serving signatures, and `__call__` in inference mode."""
+    self.run_signatures()
+    if self.spec.signature:
+      self.run_call()
+
+  def take_inference(self, done: ConvertedInference) -> None:
+    """What `run_inference` found, run in another process."""
+    self.signature_outputs = done.signature_outputs
+    self.call_outputs = done.call_outputs
+    self.report.warnings.extend(done.warnings)
+
+  def trace_functions(self, eager_steps: bool = False) -> dict[str, Any]:
     """Concrete functions: all regularization losses in one
     ("regularization"), and each training step ("steps": prefix -> (the
-    function or why it could not be traced, its hyperparameter values))."""
+    function or why it could not be traced, its hyperparameter values)).
+
+    With `eager_steps`, the steps are not traced (function None): they run
+    eagerly, which builds the same backward pass once instead of tracing it
+    into another function and instantiating that (ResNet-v2-50: 2.2 s
+    instead of 3.3 s), but cannot overlap the inference runs, which read the
+    moving averages that a step updates.
+    """
     losses = list(self.new.regularization_losses)
     # One traced call instead of one eager call (and function instantiation)
     # per loss: ResNet-v2-50 has 54.
@@ -699,6 +738,9 @@ class _Verifier:
       return step
 
     for prefix, values in _train_steps(hparams):
+      if eager_steps:
+        traced["steps"][prefix] = (None, values)
+        continue
       try:
         fn = tf.function(make_step(prefix == "train")).get_concrete_function(
             tf.TensorSpec((None, *x.shape[1:]), tf.float32),
@@ -751,14 +793,20 @@ class _Verifier:
   def run_call(self) -> None:
     sig = self.module.inference.signatures[self.spec.signature]
     for tag, x in _tags(self.module, self.spec, sig):
-      self.call_outputs[tag] = self.new(tf.constant(x))
+      self.call_outputs[tag] = np.asarray(self.new(tf.constant(x)))
 
   def run_training(self, traced: Mapping[str, Any]) -> None:
     """The training steps, unfed: right unless the training path has random
     ops, in which case `check_training` runs them again, fed."""
+    x = _train_images(self.module, self.spec)
     for prefix, (fn, values) in traced["steps"].items():
       if isinstance(fn, str):
         self.steps[prefix] = _ActualStep(error=fn)
+        continue
+      if fn is None:
+        call = lambda images, **kwargs: self.new(images, training=True, **kwargs)
+        self.steps[prefix] = self.train_step(
+            self.eager_step(call, with_gradients=prefix == "train"), x, values)
         continue
 
       def run(images, kwargs, fn=fn):
@@ -772,8 +820,7 @@ class _Verifier:
             reference_lib.probe_weights(self.spec.seed, shape)), kwargs)
         return out, grads or None
 
-      self.steps[prefix] = self.train_step(
-          run, _train_images(self.module, self.spec), values)
+      self.steps[prefix] = self.train_step(run, x, values)
 
   def eager_step(self, call: Callable, with_gradients: bool) -> Callable:
     """A step runner (see `train_step`) for `call`, differentiated eagerly."""
@@ -905,10 +952,9 @@ class _Verifier:
     conventions = []
     for tag, x in _tags(self.module, self.spec, sig):
       wanted[tag] = expected.outputs[tag][tensor]
-      out = self.call_outputs[tag]
-      actual[tag] = out.numpy()
-      if out.dtype != tf.float32 or out.shape.rank != 2:
-        conventions.append(f"{tag}: {out.dtype.name} of shape {out.shape}")
+      out = actual[tag] = self.call_outputs[tag]
+      if out.dtype != np.float32 or out.ndim != 2:
+        conventions.append(f"{tag}: {out.dtype.name} of shape {list(out.shape)}")
       elif out.shape[0] != x.shape[0]:
         conventions.append(f"{tag}: batch {out.shape[0]} for {x.shape[0]} images")
       else:
@@ -1147,7 +1193,21 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       reference = start_reference(old_path, v.spec, parallel=parallel,
                                   module=v.module)
     try:
-      v.run_converted()
+      # A reference child that has already finished (the CLI prestarts it:
+      # it works while this process converts) runs the inference half of
+      # the converted side while this process runs the training steps. On
+      # 2 CPUs, the CLI's verification of ResNet-v2-50 took 4.9-5.2 s so,
+      # 5.9-6.3 s all here.
+      inference = reference.offload("migrate.verify:converted_inference",
+                                    old_path, new_path, v.spec)
+      v.run_converted(inference_elsewhere=inference is not None)
+      if inference is not None:
+        v.take_inference(inference.result())
+      here, child = "this process", "child process"
+      v.report.processes = {
+          "module (TF1 Session)": child if reference.in_child else here,
+          "converted model, inference": child if inference else here,
+          "converted model, training": here}
       v.check_all(reference.result(module=v.module, checkpoint=v.checkpoint))
     finally:
       reference.cancel()

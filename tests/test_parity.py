@@ -340,10 +340,28 @@ def test_reference_in_a_child_process_gives_the_same_report(converted, name, opt
   src = conftest.module_path(name)
   here = verify_lib.verify(src, c.path, parallel=False)
   there = verify_lib.verify(src, c.path, parallel=True)
-  assert here.passed and there.passed, there.format_table()
-  assert [(r.name, r.max_abs_err) for r in there.checks] == [
-      (r.name, r.max_abs_err) for r in here.checks]
-  assert there.method_for_random_ops == here.method_for_random_ops
+  # A child that has finished the reference side also runs the converted
+  # model's inference half (as when the CLI prestarts it).
+  module = legacy_format.read_module(src)
+  spec = verify_lib._spec_from_metadata(  # pylint: disable=protected-access
+      verify_lib._metadata(c.model), module, 0, False)  # pylint: disable=protected-access
+  pending = verify_lib.start_reference(src, spec, parallel=True)
+  pending.result()
+  split = verify_lib.verify(src, c.path, reference=pending)
+  child, this = "child process", "this process"
+  assert here.processes == {"module (TF1 Session)": this,
+                            "converted model, inference": this,
+                            "converted model, training": this}
+  assert there.processes["module (TF1 Session)"] == child
+  assert split.processes == {"module (TF1 Session)": child,
+                             "converted model, inference": child,
+                             "converted model, training": this}
+  for report in (there, split):
+    assert report.passed, report.format_table()
+    assert [(r.name, r.max_abs_err) for r in report.checks] == [
+        (r.name, r.max_abs_err) for r in here.checks]
+    assert report.method_for_random_ops == here.method_for_random_ops
+    assert report.warnings == here.warnings
 
 
 def test_a_reference_started_for_another_spec_is_not_used(converted):
