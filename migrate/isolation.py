@@ -19,9 +19,11 @@ worker waits.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib
 import multiprocessing
+from multiprocessing import util as _mp_util  # pylint: disable=unused-import  # Its exit hook, before ours.
 import os
 import pickle
 import signal
@@ -38,6 +40,11 @@ NOTHING_WRITTEN = "; nothing was written"
 _STDERR_SWAP = threading.Lock()
 # Prestarted children by module name: (process, duplex connection), unused.
 _PRESTARTED: dict[str, list[tuple[Any, Any]]] = {}
+# Reusable children not yet cancelled. Each waits for more work until it is
+# killed, and at exit multiprocessing joins every non-daemonic child: without
+# `_stop_reusable` (registered after multiprocessing's hook, so run before it)
+# a process that forgot one would hang on exit.
+_REUSABLE: set[Any] = set()
 
 
 def _die_with_parent() -> None:
@@ -222,6 +229,7 @@ class IsolatedCall:
       self._process.kill()
     self._process.join()
     self._conn.close()
+    _REUSABLE.discard(self._process)
 
 
 def _spawn(conn, work: Optional[bytes], quiet: bool, **child_kwargs: Any):
@@ -244,7 +252,18 @@ def _spawn_reusable(preload: Optional[str], quiet: bool):
   parent_conn, child_conn = ctx.Pipe(duplex=True)
   process = _spawn(child_conn, None, quiet, preload=preload)
   child_conn.close()
+  _REUSABLE.add(process)
   return process, parent_conn
+
+
+@atexit.register
+def _stop_reusable() -> None:
+  stop_prestarted()
+  for process in list(_REUSABLE):
+    if process.is_alive():
+      process.kill()
+    process.join()
+  _REUSABLE.clear()
 
 
 def prestart(module_name: str, *, quiet: bool = True) -> int:
@@ -267,6 +286,7 @@ def stop_prestarted() -> None:
       conn.close()
       process.kill()
       process.join()
+      _REUSABLE.discard(process)
 
 
 def _take_prestarted(fn: Union[str, Callable[..., Any]], work: bytes,
@@ -284,6 +304,7 @@ def _take_prestarted(fn: Union[str, Callable[..., Any]], work: bytes,
       conn.close()
       process.kill()
       process.join()
+      _REUSABLE.discard(process)
   return None
 
 

@@ -119,3 +119,19 @@ def test_the_reference_child_gets_its_own_process_only_when_it_pays(
   with open(prefix + ".data-00000-of-00001", "wb") as f:
     f.truncate(preflight.PARALLEL_MIN_BYTES // 2)
   assert not preflight.reference_child_pays(prefix)
+
+
+@pytest.mark.parametrize("leftover", [
+    "isolation.prestart('json')",
+    "isolation.start_isolated('os:getpid', what='t', reusable=True).result()",
+])
+def test_a_process_that_leaves_a_reusable_child_still_exits(leftover):
+  # The child would wait for more work, and multiprocessing joins
+  # non-daemonic children at exit.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  run = subprocess.run(
+      [sys.executable, "-c", f"from migrate import isolation; {leftover}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      timeout=60, capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr
