@@ -24,7 +24,12 @@ The two sides:
   converted (`start_reference`; `convert` does that);
 - the converted side (`_Verifier`): the SavedModel loaded with
   `tf.saved_model.load`, run on the same inputs (a pure function of the
-  spec), then checked against `Expected`.
+  spec), then checked against `Expected`. If the reference child has
+  already finished (the CLI prestarts it, so it works while the model is
+  converted), it also runs the converted side's inference half
+  (`converted_inference`: the signatures, `__call__` in inference mode, the
+  regularization losses) while this process runs the training steps; `ParityReport.processes` says
+  where each part ran.
 
 Random ops on the training path are fed the same seeded values on both sides:
 in the reference Session by feeding their outputs, and on the TF2 side in a
@@ -596,23 +601,24 @@ class ConvertedInference:
 
   signature_outputs: dict[tuple[str, str], dict[str, np.ndarray]]
   call_outputs: dict[str, np.ndarray]
+  regularization: list[float]
   warnings: list[str]
 
 
 def converted_inference(old_path: str, new_path: str, spec: Spec
                         ) -> ConvertedInference:
-  """Runs the converted model's serving signatures and `__call__` in
-  inference mode for `spec`: what `verify` offloads to the reference child
-  once that has finished, while it runs the training steps itself. Another
-  process holds its own copy of the variables, so the training steps'
-  updates cannot reach these runs."""
+  """Runs the converted model's serving signatures, `__call__` in inference
+  mode and the regularization losses for `spec`: what `verify` offloads to
+  the reference child once that has finished, while it runs the training
+  steps itself. Another process holds its own copy of the variables, so the
+  training steps' updates cannot reach these runs."""
   with _grappler(spec.optimize_graphs), _deterministic_ops():
     v = _Verifier(old_path, new_path, spec.seed, None, None,
                   spec.optimize_graphs)
     v.spec = spec
     v.run_inference()
   return ConvertedInference(v.signature_outputs, v.call_outputs,
-                            v.report.warnings)
+                            v.regularization, v.report.warnings)
 
 
 
@@ -676,52 +682,62 @@ class _Verifier:
     inference functions.
     """
     if inference_elsewhere:
-      traced = self.trace_functions(eager_steps=True)
       self.checkpoint = reference_lib.read_checkpoint(self.module)
-    else:
-      with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        traced = pool.submit(self.trace_functions)
-        self.checkpoint = reference_lib.read_checkpoint(self.module)
-        self.run_inference()
-        traced = traced.result()
-    self.run_training(traced)
-    regularization = traced["regularization"]
-    self.regularization = ([float(v) for v in regularization()]
-                           if regularization is not None else [])
+      self.run_training(self.trace_steps(eager=True))
+      return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      steps = pool.submit(self.trace_steps)
+      regularization = pool.submit(self.regularization_function)
+      self.checkpoint = reference_lib.read_checkpoint(self.module)
+      self.run_signatures()
+      if self.spec.signature:
+        self.run_call()
+      steps = steps.result()
+      regularization = regularization.result()
+    self.run_training(steps)
+    self.run_regularization(regularization)
 
   def run_inference(self) -> None:
-    """The serving signatures, and `__call__` in inference mode."""
+    """What no training step changes: the serving signatures, `__call__` in
+    inference mode, the regularization losses."""
     self.run_signatures()
     if self.spec.signature:
       self.run_call()
+    self.run_regularization(self.regularization_function())
 
   def take_inference(self, done: ConvertedInference) -> None:
     """What `run_inference` found, run in another process."""
     self.signature_outputs = done.signature_outputs
     self.call_outputs = done.call_outputs
+    self.regularization = done.regularization
     self.report.warnings.extend(done.warnings)
 
-  def trace_functions(self, eager_steps: bool = False) -> dict[str, Any]:
-    """Concrete functions: all regularization losses in one
-    ("regularization"), and each training step ("steps": prefix -> (the
-    function or why it could not be traced, its hyperparameter values)).
-
-    With `eager_steps`, the steps are not traced (function None): they run
-    eagerly, which builds the same backward pass once instead of tracing it
-    into another function and instantiating that (ResNet-v2-50: 2.2 s
-    instead of 3.3 s), but cannot overlap the inference runs, which read the
-    moving averages that a step updates.
-    """
+  def regularization_function(self) -> Optional[Callable]:
+    """All regularization losses in one traced function (one instantiation
+    instead of one per loss: ResNet-v2-50 has 54), or None."""
     losses = list(self.new.regularization_losses)
-    # One traced call instead of one eager call (and function instantiation)
-    # per loss: ResNet-v2-50 has 54.
-    traced: dict[str, Any] = {"regularization": tf.function(
-        lambda: [f() for f in losses]).get_concrete_function() if losses else None,
-                              "steps": {}}
+    if not losses:
+      return None
+    return tf.function(lambda: [f() for f in losses]).get_concrete_function()
+
+  def run_regularization(self, fn: Optional[Callable]) -> None:
+    self.regularization = [float(v) for v in fn()] if fn is not None else []
+
+  def trace_steps(self, eager: bool = False
+                  ) -> dict[str, tuple[Any, dict[str, float]]]:
+    """Each training step: prefix -> (its traced function, or why it could
+    not be traced, or None if `eager`; its hyperparameter values).
+
+    Eager steps build the same backward pass once instead of tracing it into
+    another function and instantiating that (ResNet-v2-50: 2.2 s instead of
+    3.3 s), but cannot overlap the inference runs, which read the moving
+    averages that a step updates.
+    """
+    steps: dict[str, tuple[Any, dict[str, float]]] = {}
     sig = (self.module.train or self.module.inference).signatures.get(
         self.spec.signature)
     if not self.spec.signature or sig is None:
-      return traced
+      return steps
     hparams = _hparam_tensors(self.module, self.spec,
                               sig.inputs["images"].tensor_name)
     x = _train_images(self.module, self.spec)
@@ -738,8 +754,8 @@ class _Verifier:
       return step
 
     for prefix, values in _train_steps(hparams):
-      if eager_steps:
-        traced["steps"][prefix] = (None, values)
+      if eager:
+        steps[prefix] = (None, values)
         continue
       try:
         fn = tf.function(make_step(prefix == "train")).get_concrete_function(
@@ -748,8 +764,8 @@ class _Verifier:
             {n: tf.TensorSpec([], tf.float32) for n in values})
       except (TypeError, ValueError, KeyError, tf.errors.OpError) as e:
         fn = _first_line(e)
-      traced["steps"][prefix] = (fn, values)
-    return traced
+      steps[prefix] = (fn, values)
+    return steps
 
   def signature_inputs(self) -> list[tuple[str, str, legacy_format.Signature]]:
     """(saved signature, module signature, its spec) for each image signature."""
@@ -795,11 +811,12 @@ class _Verifier:
     for tag, x in _tags(self.module, self.spec, sig):
       self.call_outputs[tag] = np.asarray(self.new(tf.constant(x)))
 
-  def run_training(self, traced: Mapping[str, Any]) -> None:
+  def run_training(self, steps: Mapping[str, tuple[Any, dict[str, float]]]
+                   ) -> None:
     """The training steps, unfed: right unless the training path has random
     ops, in which case `check_training` runs them again, fed."""
     x = _train_images(self.module, self.spec)
-    for prefix, (fn, values) in traced["steps"].items():
+    for prefix, (fn, values) in steps.items():
       if isinstance(fn, str):
         self.steps[prefix] = _ActualStep(error=fn)
         continue
@@ -1206,11 +1223,12 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       here, child = "this process", "child process"
       v.report.processes = {
           "module (TF1 Session)": child if reference.in_child else here,
-          "converted model, inference": child if inference else here,
+          "converted model, inference and regularization":
+              child if inference else here,
           "converted model, training": here}
       v.check_all(reference.result(module=v.module, checkpoint=v.checkpoint))
     finally:
-      reference.cancel()
-      v.restore_variables()
+      reference.cancel()  # (The loaded model is dropped: no need to put
+      # its variables back; each training step did.)
   v.report.seconds = time.monotonic() - start
   return v.report

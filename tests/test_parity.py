@@ -350,11 +350,11 @@ def test_reference_in_a_child_process_gives_the_same_report(converted, name, opt
   split = verify_lib.verify(src, c.path, reference=pending)
   child, this = "child process", "this process"
   assert here.processes == {"module (TF1 Session)": this,
-                            "converted model, inference": this,
+                            "converted model, inference and regularization": this,
                             "converted model, training": this}
   assert there.processes["module (TF1 Session)"] == child
   assert split.processes == {"module (TF1 Session)": child,
-                             "converted model, inference": child,
+                             "converted model, inference and regularization": child,
                              "converted model, training": this}
   for report in (there, split):
     assert report.passed, report.format_table()
