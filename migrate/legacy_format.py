@@ -416,7 +416,7 @@ def read_module(path: str) -> LegacyModule:
         f"{path}: expected an inference graph (tag set []), found only tag "
         f"sets {found}")
   variables_dir = os.path.join(path, "variables")
-  prefix = os.path.join(variables_dir, "variables")
+  prefix = os.path.join(path, preflight.CHECKPOINT_PREFIX)
   if any(v.variables for v in variants.values()):
     if not os.path.isfile(prefix + ".index"):
       raise errors.CorruptModuleError(
