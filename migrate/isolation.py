@@ -315,7 +315,10 @@ def start_isolated(fn: Union[str, Callable[..., Any]], *args: Any, what: str,
 
   A prestarted child of `fn`'s module is used if there is one (it is
   reusable). `reusable=True` keeps the child for `IsolatedCall.submit`.
+  `prestart` (see `run_isolated`) applies to one-shot children only.
   """
+  if reusable and prestart:
+    raise ValueError("prestart applies to one-shot children only")
   work = pickle.dumps((fn, args, kwargs))
   call = _take_prestarted(fn, work, what)
   if call is not None:

@@ -690,8 +690,7 @@ class _Verifier:
       regularization = pool.submit(self.regularization_function)
       self.checkpoint = reference_lib.read_checkpoint(self.module)
       self.run_signatures()
-      if self.spec.signature:
-        self.run_call()
+      self.run_call()
       steps = steps.result()
       regularization = regularization.result()
     self.run_training(steps)
@@ -701,8 +700,7 @@ class _Verifier:
     """What no training step changes: the serving signatures, `__call__` in
     inference mode, the regularization losses."""
     self.run_signatures()
-    if self.spec.signature:
-      self.run_call()
+    self.run_call()
     self.run_regularization(self.regularization_function())
 
   def take_inference(self, done: ConvertedInference) -> None:
@@ -807,6 +805,10 @@ class _Verifier:
               f"{str(e).splitlines()[0][:200]}")
 
   def run_call(self) -> None:
+    """`__call__` in inference mode on every batch tag (if the metadata
+    names the signature behind it; else `check_metadata` fails)."""
+    if not self.spec.signature:
+      return
     sig = self.module.inference.signatures[self.spec.signature]
     for tag, x in _tags(self.module, self.spec, sig):
       self.call_outputs[tag] = np.asarray(self.new(tf.constant(x)))
