@@ -26,12 +26,13 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
+import migrate
 from migrate import errors
 from migrate import graph_rewrite
 from migrate import legacy_format
 from migrate import plan as plan_lib
 
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = migrate.__version__
 
 
 class MigratedModel(tf.__internal__.tracking.AutoTrackable):
