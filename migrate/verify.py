@@ -276,6 +276,24 @@ def _random_values(expected: Optional[Expected]
           if not step.error and step.random_values}
 
 
+def _warnings(spec: Spec, expected: Expected, actual: Actual) -> list[str]:
+  """What the report says besides the checks: the converted side's
+  warnings, and what became of a train graph's output dropout."""
+  result = list(actual.warnings)
+  removed, match = spec.output_dropout_removed, expected.output_dropout
+  if removed and match == removed:
+    result.append(
+        f"the train graph applies dropout to the output features (node "
+        f"'{removed}'); in training mode the converted model outputs the "
+        f"dropout's input, as the image feature vector API requires")
+  elif not removed and match:
+    result.append(
+        f"the train graph applies dropout to the output features (node "
+        f"'{match}') and the converted model keeps it in "
+        f"training mode, against the image feature vector API")
+  return result
+
+
 def verify(old_path: str, new_path: str, *, seed: int = 0,
            signature: Optional[str] = None,
            output_key: Optional[str] = None,
@@ -293,10 +311,11 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
   `start_reference`, e.g. while the model was being converted) if it was
   made for the same `Spec`, else it is started now (`parallel` as in
   `start_reference`). `module`, the module at `old_path` if the caller has
-  read it already, saves reading it again. Both sides run their graphs as written, with Grappler
-  off (`optimize_graphs=False`): parity is a property of the graphs, and
-  Grappler's rewrites, which TensorFlow applies alike to any model, would
-  cost each function verification runs another optimisation pass.
+  read it already, saves reading it again. Both sides run their graphs as
+  written, with Grappler off (`optimize_graphs=False`): parity is a
+  property of the graphs, and Grappler's rewrites, which TensorFlow applies
+  alike to any model, would cost each function verification runs another
+  optimisation pass.
   `optimize_graphs=True` verifies with Grappler on; the tolerance table
   holds for both (tests/test_parity.py). Op determinism is on while both
   sides run (`verify_spec.deterministic_ops`).
@@ -334,7 +353,7 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       reference.cancel()  # (The loaded model is dropped: no need to put
       # its variables back; each training step did.)
   report.checks = verify_checks.run_checks(spec, expected, actual, facts)
-  report.warnings = verify_checks.warnings(spec, expected, actual)
+  report.warnings = _warnings(spec, expected, actual)
   report.method_for_random_ops = METHOD_FED if expected.random_ops else METHOD_NONE
   report.seconds = time.monotonic() - start
   return report

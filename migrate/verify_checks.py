@@ -20,11 +20,10 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from migrate import compare as compare_lib
 from migrate import plan as plan_lib
 from migrate import tolerances as tolerances_lib
 from migrate import verify_spec
-from migrate.compare import CheckResult, check, compare, compare_many
+from migrate.compare import CheckResult, check, compare, compare_many, top_k
 from migrate.verify_actual import Actual, ActualStep
 from migrate.verify_expected import Expected, ExpectedStep
 from migrate.verify_spec import ModuleFacts, Spec
@@ -185,18 +184,17 @@ def call_output_width(spec, expected, actual, facts, tol) -> Results:
                 f"{list(facts.call_sizes)}; metadata says {declared or 'unknown'}")
 
 
-def _top_k(k: int) -> Callable[..., Results]:
-  def top_k(spec, expected, actual, facts, tol) -> Results:
+def _call_top_k(k: int) -> Callable[..., Results]:
+  def call_top_k(spec, expected, actual, facts, tol) -> Results:
     """Top-k classes of a classifier, where both sides' outputs have one shape."""
-    if not spec.signature or actual.metadata.get("output_kind") != plan_lib.CLASSIFICATION:
+    kind = actual.metadata.get("output_kind")
+    if not spec.signature or kind != plan_lib.CLASSIFICATION:
       return
     got, wanted = _call_pairs(spec, expected, actual, facts)
     if all(got[t].shape == wanted[t].shape for t in wanted):
-      yield compare_lib.top_k(f"call/top{k}",
-                              np.concatenate([got[t] for t in sorted(wanted)]),
-                              np.concatenate([wanted[t] for t in sorted(wanted)]),
-                              k, tol)
-  return top_k
+      yield top_k(f"call/top{k}", np.concatenate([got[t] for t in sorted(wanted)]),
+                  np.concatenate([wanted[t] for t in sorted(wanted)]), k, tol)
+  return call_top_k
 
 
 # -- the training steps ----------------------------------------------------------------
@@ -237,18 +235,20 @@ def _step(expected: Expected, actual: Actual, step: str
           actual.steps.get(step, ActualStep(error="not run")))
 
 
-def _step_ran(spec, expected, actual, facts, step) -> bool:
-  """Whether the step's results are compared: both sides ran it (with their
-  random ops fed alike)."""
+def _fed(act: ActualStep) -> bool:
+  """Whether the step's random ops, if any, were all fed."""
+  return act.random_ops is None or act.random_ops.ok
+
+
+def _step_ran(expected: Expected, actual: Actual, step: str) -> bool:
+  """Whether both sides ran the step (with their random ops fed alike)."""
   ref, act = _step(expected, actual, step)
-  fed = act.random_ops is None or act.random_ops.ok
-  return (_training_checked(spec, expected, facts) and fed and
-          not ref.error and not act.error)
+  return _fed(act) and not ref.error and not act.error
 
 
 def step_random_ops(spec, expected, actual, facts, tol, step) -> Results:
   _, act = _step(expected, actual, step)
-  if _training_checked(spec, expected, facts) and act.random_ops is not None:
+  if act.random_ops is not None:
     m = act.random_ops
     yield check(f"{step}/random_ops", m.ok,
                 f"{len(m.matched)} random ops fed on both sides" if m.ok else
@@ -259,15 +259,14 @@ def step_random_ops(spec, expected, actual, facts, tol, step) -> Results:
 
 def step_run(spec, expected, actual, facts, tol, step) -> Results:
   ref, act = _step(expected, actual, step)
-  fed = act.random_ops is None or act.random_ops.ok
-  if _training_checked(spec, expected, facts) and fed and (ref.error or act.error):
+  if _fed(act) and (ref.error or act.error):
     where = "the module's" if ref.error else "the converted model's"
     yield check(f"{step}/run", False,
                 f"{where} training step failed: {ref.error or act.error}")
 
 
 def step_output(spec, expected, actual, facts, tol, step) -> Results:
-  if _step_ran(spec, expected, actual, facts, step):
+  if _step_ran(expected, actual, step):
     ref, act = _step(expected, actual, step)
     yield compare(f"{step}/output", act.output, ref.output, tol)
 
@@ -275,7 +274,7 @@ def step_output(spec, expected, actual, facts, tol, step) -> Results:
 def step_moving_averages(spec, expected, actual, facts, tol, step) -> Results:
   """Every variable either side's step changed (the others are equal by
   'variables/values')."""
-  if _step_ran(spec, expected, actual, facts, step):
+  if _step_ran(expected, actual, step):
     ref, act = _step(expected, actual, step)
     moved = set(ref.changed) | set(act.changed)
     names = set(ref.variable_names)
@@ -288,7 +287,7 @@ def step_moving_averages(spec, expected, actual, facts, tol, step) -> Results:
 
 
 def step_updated_variables(spec, expected, actual, facts, tol, step) -> Results:
-  if _step_ran(spec, expected, actual, facts, step):
+  if _step_ran(expected, actual, step):
     ref, act = _step(expected, actual, step)
     changed_new, changed_ref = sorted(act.changed), sorted(ref.changed)
     yield check(f"{step}/updated_variables", changed_ref == changed_new,
@@ -297,11 +296,11 @@ def step_updated_variables(spec, expected, actual, facts, tol, step) -> Results:
                 _diff_names(set(changed_new), set(changed_ref)))
 
 
-def _gradients(spec, expected, actual, facts, step
+def _gradients(expected: Expected, actual: Actual, step: str
                ) -> Optional[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
   """(converted, module) gradient per trainable variable, if both sides
   computed them on outputs of one shape (else the output check failed)."""
-  if not _step_ran(spec, expected, actual, facts, step):
+  if not _step_ran(expected, actual, step):
     return None
   ref, act = _step(expected, actual, step)
   if ref.gradients is None or act.gradients is None:
@@ -323,7 +322,7 @@ def _gradients(spec, expected, actual, facts, step
 
 def step_gradients(spec, expected, actual, facts, tol, step) -> Results:
   """Gradients of `sum(output * probe)`; atol relative to the largest."""
-  pair = _gradients(spec, expected, actual, facts, step)
+  pair = _gradients(expected, actual, step)
   if pair is not None:
     got, wanted = pair
     ref, _ = _step(expected, actual, step)
@@ -333,7 +332,7 @@ def step_gradients(spec, expected, actual, facts, tol, step) -> Results:
 
 def step_gradient_norms(spec, expected, actual, facts, tol, step) -> Results:
   """Their L2 norms; atol relative to the largest."""
-  pair = _gradients(spec, expected, actual, facts, step)
+  pair = _gradients(expected, actual, step)
   if pair is not None:
     got, wanted = pair
     norms = {n: np.float64(np.linalg.norm(g.astype(np.float64)))
@@ -381,8 +380,8 @@ CHECKS: tuple[Check, ...] = (
     Check("call/inference", call_inference, "inference"),
     Check("call/image_api", call_image_api),
     Check("call/output_width", call_output_width),
-    Check("call/top1", _top_k(1), "top_k"),
-    Check("call/top5", _top_k(5), "top_k"),
+    Check("call/top1", _call_top_k(1), "top_k"),
+    Check("call/top5", _call_top_k(5), "top_k"),
     Check("train/signature", train_signature),
     Check("train/output_dropout", train_output_dropout),
     Check("train/hparams", train_hparams),
@@ -415,9 +414,11 @@ def _sections(checks: tuple[Check, ...]) -> list[list[Check]]:
 def run_checks(spec: Spec, expected: Expected, actual: Actual,
                facts: ModuleFacts, checks: tuple[Check, ...] = CHECKS
                ) -> list[CheckResult]:
-  """Every check's results, in the order of `checks`."""
+  """Every check's results, in the order of `checks`; the per-step ones for
+  each training step if the training steps are compared at all."""
   results: list[CheckResult] = []
-  steps = [prefix for prefix, _ in verify_spec.train_steps(facts)]
+  steps = ([prefix for prefix, _ in verify_spec.train_steps(facts)]
+           if _training_checked(spec, expected, facts) else [])
   for section in _sections(checks):
     for step in (steps if section[0].per_step else [None]):
       for c in section:
@@ -427,20 +428,3 @@ def run_checks(spec: Spec, expected: Expected, actual: Actual,
         results.extend(c.fn(*args))
   return results
 
-
-def warnings(spec: Spec, expected: Expected, actual: Actual) -> list[str]:
-  """What the report should say besides the checks: the converted side's
-  warnings, and what happens to a train graph's output dropout."""
-  result = list(actual.warnings)
-  removed, match = spec.output_dropout_removed, expected.output_dropout
-  if removed and match == removed:
-    result.append(
-        f"the train graph applies dropout to the output features (node "
-        f"'{removed}'); in training mode the converted model outputs the "
-        f"dropout's input, as the image feature vector API requires")
-  elif not removed and match:
-    result.append(
-        f"the train graph applies dropout to the output features (node "
-        f"'{match}') and the converted model keeps it in "
-        f"training mode, against the image feature vector API")
-  return result

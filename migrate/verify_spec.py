@@ -141,8 +141,10 @@ class ModuleFacts:
   saved_model_sha256: str = ""
   has_train_graph: bool = False
   # Every signature of the inference graph: output key -> graph tensor.
-  signatures: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
-  image_signatures: Mapping[str, SignatureFacts] = dataclasses.field(default_factory=dict)
+  signatures: Mapping[str, Mapping[str, str]] = dataclasses.field(
+      default_factory=dict)
+  image_signatures: Mapping[str, SignatureFacts] = dataclasses.field(
+      default_factory=dict)
   variables: frozenset[str] = frozenset()  # Every variable of every graph.
   trainable: frozenset[str] = frozenset()
   fake_quant: bool = False  # The graphs have FakeQuant* ops.

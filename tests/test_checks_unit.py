@@ -234,7 +234,8 @@ def test_each_result_carries_its_checks_name():
   spec, expected, actual, facts = _sides()
   for c in verify_checks.CHECKS:
     pattern = re.sub(r"<[^>]+>", "*", c.name)
-    args = (spec, expected, actual, facts, c.tolerance) + (("train",) if c.per_step else ())
+    step = ("train",) if c.per_step else ()
+    args = (spec, expected, actual, facts, c.tolerance) + step
     for r in c.fn(*args):
       assert fnmatch.fnmatchcase(r.name, pattern), (r.name, c.name)
 
@@ -252,10 +253,12 @@ def _nudge(array: np.ndarray, by: float) -> None:
 # (check, tolerance entry, where the value lives in `actual`, the scale).
 NUMERIC = {
     "signature/serving_default/default": (
-        "inference", lambda a: a.signature_outputs["serving_default"][TAGS[1]]["default"]),
+        "inference",
+        lambda a: a.signature_outputs["serving_default"][TAGS[1]]["default"]),
     "call/inference": ("inference", lambda a: a.call_outputs[TAGS[1]]),
     "train/output": ("training_output", lambda a: a.steps["train"].output),
-    "train/moving_averages": ("moving_averages", lambda a: a.steps["train"].changed["mean"]),
+    "train/moving_averages": ("moving_averages",
+                              lambda a: a.steps["train"].changed["mean"]),
     "train/gradients": ("gradients", lambda a: a.steps["train"].gradients["w"]),
 }
 
