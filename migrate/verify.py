@@ -28,7 +28,9 @@ losses (each, and their total).
 
 How to add a parity check:
   1. one producer field: what the converted model computes, in `Actual`
-     (`verify_actual.py`, filled by `ConvertedModel`), and what the module
+     (`verify_actual.py`; filled by `ConvertedModel.inference` if no
+     training step could change it, as that half may run in the child
+     process, else by `ConvertedModel.training`), and what the module
      computes, in `Expected` (`verify_expected.py`, filled by
      `reference_side`), if the check compares the two;
   2. one check function in `verify_checks.py`, `(spec, expected, actual,

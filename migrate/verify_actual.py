@@ -34,9 +34,6 @@ from migrate import verify_random_ops
 from migrate import verify_spec
 from migrate.verify_spec import ModuleFacts, Spec
 
-# What the inference half fills (`converted_inference`).
-INFERENCE_FIELDS = ("signature_outputs", "call_outputs", "regularization",
-                    "warnings")
 # Errors of a run that fails on this model (anything else is a bug here).
 _RUN_ERRORS = (TypeError, ValueError, KeyError, tf.errors.OpError)
 RandomValues = Mapping[str, Mapping[str, np.ndarray]]  # Step -> op -> value.
@@ -72,9 +69,11 @@ class Actual:
   warnings: list[str] = dataclasses.field(default_factory=list)
 
   def with_inference_of(self, other: "Actual") -> "Actual":
-    """This, with the inference half that `other` ran (in another process)."""
-    return dataclasses.replace(
-        self, **{f: getattr(other, f) for f in INFERENCE_FIELDS})
+    """This, with the fields that `other` filled: the inference half, run
+    in another process (`converted_inference`)."""
+    filled = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
+              if f.name != "spec" and getattr(other, f.name)}
+    return dataclasses.replace(self, **filled)
 
 
 def _var_name(v: tf.Variable) -> str:
@@ -263,8 +262,9 @@ def converted_side(converted: ConvertedModel, *, inference: bool = True,
 def converted_inference(old_path: str, new_path: str, spec: Spec,
                         facts: Optional[ModuleFacts] = None) -> Actual:
   """The converted model's inference half for `spec`, alone: what `verify`
-  hands to the reference child once that has finished. Only the fields of
-  `INFERENCE_FIELDS` are set. `facts` saves parsing the module again."""
+  hands to the reference child once that has finished. Only the fields
+  that `ConvertedModel.inference` fills are set (the variables are not
+  sent back). `facts` saves parsing the module again."""
   with verify_spec.run_conditions(spec.optimize_graphs):
     if facts is None:
       facts = verify_spec.module_facts(legacy_format.read_module(old_path), spec)

@@ -392,3 +392,18 @@ def test_train_steps_and_batch_tags():
   assert [t.name for t in tags] == ["b1_8x8", "b2_8x8", "b1_16x24"]
   np.testing.assert_array_equal(tags[0].images(3), tags[0].images(3))
   assert tags[2].images(0).shape == (1, 16, 24, 3)
+
+
+def test_the_inference_half_from_another_process_fills_only_its_fields():
+  spec, _, actual, _ = _sides()
+  here = dataclasses.replace(actual, call_outputs={}, signature_outputs={},
+                             regularization=[])
+  there = Actual(spec=spec, call_outputs=actual.call_outputs,
+                 signature_outputs=actual.signature_outputs,
+                 regularization=[0.5, 0.25], warnings=["signature 'x' failed"])
+  merged = here.with_inference_of(there)
+  assert merged.call_outputs is actual.call_outputs
+  assert merged.regularization == [0.5, 0.25]
+  assert merged.warnings == ["signature 'x' failed"]
+  assert merged.variables is here.variables and merged.steps is here.steps
+  assert merged.metadata == here.metadata
