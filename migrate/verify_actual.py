@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from migrate import legacy_format
 from migrate import reference as reference_lib
+from migrate import verify_expected
 from migrate import verify_random_ops
 from migrate import verify_spec
 from migrate.verify_spec import ModuleFacts, Spec
@@ -176,9 +177,10 @@ class ConvertedModel:
              for prefix, values in verify_spec.train_steps(self.facts)}
     return dataclasses.replace(actual, steps=steps)
 
-  def feed_random_ops(self, actual: Actual, expected: Any) -> Actual:
+  def feed_random_ops(self, actual: Actual,
+                      expected: verify_expected.Expected) -> Actual:
     """`actual`, with the steps that ran before the reference's random
-    values were known run again with them fed (`expected`: `Expected`)."""
+    values were known run again with them fed."""
     steps = dict(actual.steps)
     for prefix, values in verify_spec.train_steps(self.facts):
       ref = expected.steps.get(prefix)
