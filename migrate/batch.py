@@ -756,11 +756,6 @@ def default_jobs() -> int:
 
 # -- the batch -------------------------------------------------------------------
 
-def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split("\n")).strip()
-  return text or type(error).__name__
-
-
 class BatchRunner:
   """One batch over DST_ROOT: plans, converts (in workers), records.
 
@@ -954,7 +949,8 @@ class BatchRunner:
     except errors.MigrationError as e:
       outcome.status = STATUS_FAILED
       outcome.exit_code = int(e.exit_code)
-      outcome.error = self._rewrite_paths(_one_line(e), source, scratch)
+      outcome.error = self._rewrite_paths(errors.first_line(e, limit=None),
+                                          source, scratch)
       report_json = getattr(e, "report_json", "")
       if report_json:
         for k, v in _parity_fields(report_json).items():
@@ -1010,7 +1006,8 @@ class BatchRunner:
         outcomes[i] = ModuleOutcome(
             source=source.location, destination=source.destination,
             kind=source.kind, status=STATUS_FAILED,
-            exit_code=int(error.exit_code), error=_one_line(error),
+            exit_code=int(error.exit_code),
+            error=errors.first_line(error, limit=None),
             finished_at=now_iso())
         self.record(source, outcomes[i])
         continue

@@ -26,12 +26,13 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
+import migrate
 from migrate import errors
 from migrate import graph_rewrite
 from migrate import legacy_format
 from migrate import plan as plan_lib
 
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = migrate.__version__
 
 
 class MigratedModel(tf.__internal__.tracking.AutoTrackable):
@@ -85,7 +86,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
       raise errors.CorruptModuleError(
           f"{module.path} (tags {sorted(tags)}): expected variables with a "
           f"valid dtype and shape, found {type(e).__name__}: "
-          f"{_first_line(e)}") from None
+          f"{errors.first_line(e)}") from None
     for name, spec in graph_variables.items():
       if name not in in_graph:
         in_graph[name] = spec
@@ -99,7 +100,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
-        f"{type(e).__name__}: {_first_line(e)}") from None
+        f"{type(e).__name__}: {errors.first_line(e)}") from None
   missing = [n for n in order if n not in shapes]
   if missing:
     raise errors.CorruptModuleError(
@@ -124,7 +125,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
     except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
       raise errors.CorruptModuleError(
           f"{module.checkpoint_prefix}: expected a value for variable '{name}', "
-          f"found {type(e).__name__}: {_first_line(e)}") from None
+          f"found {type(e).__name__}: {errors.first_line(e)}") from None
     variables[name] = tf.Variable(value, dtype=dtype, name=name,
                                   trainable=name in trainable)
   return variables
@@ -142,20 +143,6 @@ def _assets(module: legacy_format.LegacyModule) -> dict[str, tf.saved_model.Asse
             f"refers to, found none")
       result.setdefault(filename, tf.saved_model.Asset(path))
   return result
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-def _ref_name(ref: str) -> str:
-  """Node name of an input reference ('^a', 'a:1', 'a')."""
-  return ref.lstrip("^").split(":")[0]
-
-
-def _tensor_key(ref: str) -> str:
-  return ref if ":" in ref else ref + ":0"
 
 
 class _GraphIndex:
@@ -189,7 +176,7 @@ class _GraphIndex:
         raise errors.CorruptModuleError(
             f"{self.where}: expected a node '{name}' in the graph, found none")
       keep.add(name)
-      todo.extend(n for n in map(_ref_name, node.input)
+      todo.extend(n for n in map(legacy_format.node_name, node.input)
                   if n not in keep and n not in stop)
     sub = tf.compat.v1.GraphDef()
     sub.versions.CopyFrom(self.graph_def.versions)
@@ -202,10 +189,10 @@ class _GraphIndex:
       copy.CopyFrom(node)
       del copy.input[:]
       for ref in node.input:
-        if _ref_name(ref) in stop:
+        if legacy_format.node_name(ref) in stop:
           if ref.startswith("^"):
             continue  # Control edges to fed tensors or variable handles.
-          used.add(_tensor_key(ref))
+          used.add(legacy_format.tensor_name(ref))
         copy.input.append(ref)
       if "_class" in copy.attr:  # Colocation with nodes that may be cut away.
         del copy.attr["_class"]
@@ -215,11 +202,13 @@ class _GraphIndex:
                fetches: Sequence[str], ops: Sequence[str] = ()) -> Callable:
     """A function of `feeds` computing `fetches` and running `ops`."""
     feed_names = [name for name, _ in feeds]
-    asset_nodes = {_ref_name(t) for t in self.asset_paths}
-    stop = {_ref_name(n) for n in feed_names} | self.handles | asset_nodes
-    roots = [_ref_name(t) for t in fetches] + [_ref_name(o) for o in ops]
+    asset_nodes = {legacy_format.node_name(t) for t in self.asset_paths}
+    stop = ({legacy_format.node_name(n) for n in feed_names} | self.handles |
+            asset_nodes)
+    roots = [legacy_format.node_name(r) for r in [*fetches, *ops]]
     sub, used = self._subgraph(roots, stop)
-    missing = sorted({_ref_name(k) for k in used} & self.handles - set(self.variables))
+    missing = sorted({legacy_format.node_name(k) for k in used} & self.handles -
+                     set(self.variables))
     if missing:
       raise errors.CorruptModuleError(
           f"{self.where}: the graph reads variable '{missing[0]}', which the "
@@ -229,18 +218,18 @@ class _GraphIndex:
       graph = tf.compat.v1.get_default_graph()
       input_map = {}
       for name, arg in zip(feed_names, args):
-        if _tensor_key(name) in used:
-          input_map[_tensor_key(name)] = arg
+        if legacy_format.tensor_name(name) in used:
+          input_map[legacy_format.tensor_name(name)] = arg
       for key in used:
-        node = _ref_name(key)
+        node = legacy_format.node_name(key)
         if node in self.handles:
           input_map[key] = graph.capture(self.variables[node].handle)
         elif key in self.asset_paths:
           input_map[key] = graph.capture(self.asset_paths[key])
       results = tf.compat.v1.import_graph_def(
           sub, input_map=input_map, name="",
-          return_elements=[_tensor_key(t) for t in fetches] +
-          [_ref_name(o) for o in ops])
+          return_elements=[legacy_format.tensor_name(t) for t in fetches] +
+          [legacy_format.node_name(o) for o in ops])
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:
         with tf.control_dependencies(updates):
@@ -252,7 +241,7 @@ class _GraphIndex:
     except (ValueError, TypeError, KeyError, tf.errors.OpError) as e:
       raise errors.CorruptModuleError(
           f"{self.where}: expected an importable graph, found "
-          f"{type(e).__name__}: {_first_line(e)}") from None
+          f"{type(e).__name__}: {errors.first_line(e)}") from None
 
 
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:

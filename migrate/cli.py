@@ -28,7 +28,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from migrate.errors import ExitCode, MigrationError
+from migrate.errors import ExitCode, MigrationError, first_line
 
 PROG = "migrate-hub-module"
 
@@ -314,9 +314,8 @@ def main(argv: Sequence[str]) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if _VERBOSE.value:
       raise
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    _print_error(f"internal error ({type(e).__name__}: {text[:300]}); this is a "
-                 f"bug in {PROG}: rerun with --verbose and report it")
+    _print_error(f"internal error ({type(e).__name__}: {first_line(e)}); this "
+                 f"is a bug in {PROG}: rerun with --verbose and report it")
     return ExitCode.INTERNAL
 
 

@@ -125,7 +125,8 @@ def convert(src: str, dst: str, *,
     report = None
     kept = None
     if verify:
-      report = verify_lib.verify(src, staged.path, reference=reference)
+      report = verify_lib.verify(src, staged.path, reference=reference,
+                                 module=module)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
@@ -165,10 +166,10 @@ def convert(src: str, dst: str, *,
 def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   """Verifies an existing pair (made earlier or by other means) -> ParityReport."""
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
-  safety.check_module(legacy_format.read_module(old),
-                      allow_unsafe_ops=allow_unsafe_ops)
+  module = legacy_format.read_module(old)
+  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   preflight.check_converted(new)
-  return verify_lib.verify(old, new)
+  return verify_lib.verify(old, new, module=module)
 
 
 def convert_to_dict(src: str, dst: str, **options) -> dict:

@@ -8,6 +8,14 @@ escapes is a bug (exit code `INTERNAL`).
 from __future__ import annotations
 
 import enum
+from typing import Optional, Union
+
+# Lines of TensorFlow's error text that say where, not what: its
+# "Graph execution error:" header, the node it was detected at, the
+# "in user code:" of a traced function, and the stack trace (indented) that
+# follows them.
+_HEADER_PREFIXES = ("Graph execution error:", "Detected at node", "Node: ",
+                    "Original stack trace for", "in user code:")
 
 
 class ExitCode(enum.IntEnum):
@@ -91,3 +99,25 @@ class InternalError(MigrationError):
 
   def __reduce__(self):
     return (type(self), (str(self), self.traceback_text))
+
+
+def first_line(error: Union[BaseException, str], *,
+               limit: Optional[int] = 300) -> str:
+  """The cause of `error` (an exception or its text) as one line.
+
+  That is the first line of its text that is not one of TensorFlow's header
+  lines (`Graph execution error:`, `Detected at node ...`, the indented
+  stack trace after it): for an op that failed while a graph ran, the
+  kernel's own message. If every other line is indented (a traced
+  function's "in user code:" and its stack), the last one. At most `limit`
+  characters (None: no limit); the exception's type name if it has no text.
+  """
+  text = str(error).strip()
+  lines = [l for l in text.splitlines() if l.strip()]
+  causes = [l for l in lines
+            if not l[0].isspace() and not l.startswith(_HEADER_PREFIXES)]
+  indented = [l for l in lines if l[0].isspace()]
+  line = (causes[:1] or indented[-1:] or lines[:1] or [""])[0].strip()
+  if not line:
+    line = type(error).__name__ if isinstance(error, BaseException) else ""
+  return line[:limit] if limit is not None else line

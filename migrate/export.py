@@ -104,10 +104,9 @@ def _io_error(dst: str, error: BaseException) -> errors.OutputError:
     return errors.OutputError(
         f"{dst}: expected room to write the model, found the disk full (No "
         f"space left on device); nothing was written")
-  first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
   return errors.OutputError(
       f"{dst}: expected to write the model, found {type(error).__name__}: "
-      f"{first}; nothing was written")
+      f"{errors.first_line(error)}; nothing was written")
 
 
 def stage(built: build_lib.BuiltModel, dst: str) -> StagedOutput:

@@ -21,6 +21,7 @@ from tensorflow.core.framework import graph_pb2
 from tensorflow.core.framework import node_def_pb2
 
 from migrate import errors
+from migrate import legacy_format
 
 REF_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
 RESOURCE_VARIABLE_OPS = frozenset({"VarHandleOp"})
@@ -40,16 +41,11 @@ _PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Reshape",
                                "PreventGradient", "StopGradient"})
 
 
-def _name(ref: str) -> str:
-  """Node name of an input reference ('^a', 'a:1', 'a')."""
-  return ref.lstrip("^").split(":")[0]
-
-
 def _consumers(graph_def: graph_pb2.GraphDef) -> dict[str, list[node_def_pb2.NodeDef]]:
   result: dict[str, list[node_def_pb2.NodeDef]] = {}
   for node in graph_def.node:
     for ref in node.input:
-      result.setdefault(_name(ref), []).append(node)
+      result.setdefault(legacy_format.node_name(ref), []).append(node)
   return result
 
 
@@ -78,12 +74,13 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     if node.op in REF_VARIABLE_OPS:
       continue
     for i, ref in enumerate(node.input):
-      if ref.startswith("^") or _name(ref) not in variables:
+      if ref.startswith("^") or legacy_format.node_name(ref) not in variables:
         continue
       if node.op.startswith(("Scatter", "Apply", "ResourceApply", "CountUpTo")):
         raise errors.UnsupportedModuleError(
             f"node '{node.name}': op {node.op} on the reference variable "
-            f"'{_name(ref)}' cannot be rewritten to a resource variable")
+            f"'{legacy_format.node_name(ref)}' cannot be rewritten to a resource "
+            f"variable")
   dtypes = {}
   read_nodes = []
   update_outputs = {}
@@ -108,20 +105,21 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
       read.attr["dtype"].type = dtype
       read_nodes.append(read.name)
   for node in nodes:
-    if node.op in _REF_TO_RESOURCE_UPDATE and _name(node.input[0]) in variables:
-      var = _name(node.input[0])
+    first = legacy_format.node_name(node.input[0]) if node.input else ""
+    if node.op in _REF_TO_RESOURCE_UPDATE and first in variables:
+      var = first
       node.op = _REF_TO_RESOURCE_UPDATE[node.op]
       for key in list(node.attr):
         if key not in ("_class",):
           del node.attr[key]
       node.attr["dtype"].type = dtypes[var]
       update_outputs[node.name] = var
-    elif node.op == "IsVariableInitialized" and _name(node.input[0]) in variables:
+    elif node.op == "IsVariableInitialized" and first in variables:
       node.op = "VarIsInitializedOp"
       del node.attr["dtype"]
   # Consumers of an updated ref read the variable after the update.
-  consumed = {_name(ref) for node in out.node for ref in node.input
-              if not ref.startswith("^")}
+  consumed = {legacy_format.node_name(ref) for node in out.node
+              for ref in node.input if not ref.startswith("^")}
   for update, var in update_outputs.items():
     if update not in consumed:
       continue
@@ -140,7 +138,7 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     for i, ref in enumerate(node.input):
       if ref.startswith("^"):
         continue
-      src = _name(ref)
+      src = legacy_format.node_name(ref)
       if src in variables:
         node.input[i] = f"{src}/migrate_read"
       elif src in update_outputs:
@@ -187,13 +185,13 @@ def _match_dropout(node, nodes, random_dep) -> Optional[tuple[str, str]]:
     return n.input[0]
 
   if node.op == "SelectV2" and len(node.input) == 3:
-    mask, kept = nodes.get(_name(node.input[0])), nodes.get(_name(node.input[1]))
+    mask, kept = (nodes.get(legacy_format.node_name(r)) for r in node.input[:2])
     if mask is not None and mask.name in random_dep:
       x = data_input(kept, ("Mul",))
       if x is not None:
         return "select_v2", x
   if node.op == "Mul" and len(node.input) == 2:
-    a, b = (nodes.get(_name(r)) for r in node.input)
+    a, b = (nodes.get(legacy_format.node_name(r)) for r in node.input)
     for data, mask in ((a, b), (b, a)):
       if mask is None or mask.name not in random_dep:
         continue
@@ -213,24 +211,24 @@ def find_output_dropout(graph_def: graph_pb2.GraphDef,
   """The dropout that `output_tensor` is computed through last, if any."""
   random_dep = _random_dependent(graph_def)
   nodes = {n.name: n for n in graph_def.node}
-  node = nodes.get(_name(output_tensor))
+  node = nodes.get(legacy_format.node_name(output_tensor))
   path = []
   while node is not None and node.name in random_dep:
     match = _match_dropout(node, nodes, random_dep)
     if match is not None:
-      if _name(match[1]) in random_dep:
+      if legacy_format.node_name(match[1]) in random_dep:
         return None  # Dropout after other random ops: not only output dropout.
       return DropoutMatch(output_node=node.name, input_tensor=match[1],
                           pattern=match[0], pass_through=tuple(reversed(path)))
     if node.op not in _PASS_THROUGH_OPS:
       return None
     path.append(node.name)
-    node = nodes.get(_name(node.input[0]))
+    node = nodes.get(legacy_format.node_name(node.input[0]))
   return None
 
 
 def depends_on_random(graph_def: graph_pb2.GraphDef, tensor: str) -> bool:
-  return _name(tensor) in _random_dependent(graph_def)
+  return legacy_format.node_name(tensor) in _random_dependent(graph_def)
 
 
 def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,

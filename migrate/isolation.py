@@ -205,9 +205,9 @@ class IsolatedCall:
     if status == "error":
       raise payload
     name, message, trace = payload
-    raise errors.InternalError(f"{what}: internal error ({name}: "
-                               f"{message.strip().splitlines()[0][:300] if message.strip() else ''})",
-                               traceback_text=trace)
+    raise errors.InternalError(
+        f"{what}: internal error ({name}: {errors.first_line(message)})",
+        traceback_text=trace)
 
   def submit(self, fn: Union[str, Callable[..., Any]], *args: Any, what: str,
              **kwargs: Any) -> "IsolatedCall":

@@ -44,6 +44,16 @@ INFERENCE_TAGS: frozenset[str] = frozenset()
 TRAIN_TAGS: frozenset[str] = frozenset({"train"})
 
 
+def node_name(ref: str) -> str:
+  """The node of a GraphDef reference: '^a', 'a:1' and 'a' name node 'a'."""
+  return ref.lstrip("^").split(":")[0]
+
+
+def tensor_name(ref: str) -> str:
+  """The tensor a reference names: 'a' is output 0 ('a:0'), 'a:1' stays."""
+  return ref if ":" in ref else ref + ":0"
+
+
 def _declare_hub_protos():
   """Declares ModuleDef, ModuleAttachment and ImageModuleInfo (tensorflow_hub/*.proto)."""
   fdp = descriptor_pb2.FileDescriptorProto(
@@ -174,7 +184,7 @@ def placeholder_defaults(graph_def) -> dict[str, np.ndarray]:
   for node in graph_def.node:
     if node.op != "PlaceholderWithDefault" or not node.input:
       continue
-    src = nodes.get(node.input[0].lstrip("^").split(":")[0])
+    src = nodes.get(node_name(node.input[0]))
     if src is not None and src.op == "Const":
       try:
         result[node.name + ":0"] = tf.make_ndarray(src.attr["value"].tensor)
@@ -314,7 +324,7 @@ def _variables(mg: meta_graph_pb2.MetaGraphDef, where: str) -> list[VariableInfo
   result, seen = [], set()
   for key in ("variables", "model_variables", "trainable_variables"):
     for vd in var_defs(key):
-      name = vd.variable_name.rsplit(":", 1)[0]
+      name = node_name(vd.variable_name)
       if name in seen:
         continue
       seen.add(name)

@@ -2,6 +2,10 @@
 
 A value passes when `|actual - expected| <= atol * scale + rtol * |expected|`
 elementwise (`scale` is 1 unless an entry's reason says otherwise).
+
+An entry may have a variant for modules with a property that needs another
+bound: `<entry>_fake_quant` for modules with FakeQuant* ops. `resolve` picks
+the entry to use; an entry without a variant applies to every module.
 """
 
 from __future__ import annotations
@@ -95,3 +99,16 @@ def get(name: str) -> Tolerance:
   except KeyError:
     raise KeyError(f"no tolerance '{name}' (known: "
                    f"{', '.join(sorted(TOLERANCES))})") from None
+
+
+# The variants an entry may have: `<entry>_<variant>`, used by `resolve`.
+VARIANTS = ("fake_quant",)
+
+
+def resolve(name: str, *, fake_quant: bool = False) -> str:
+  """The entry to use for `name`: its `_fake_quant` variant for a module with
+  FakeQuant* ops if the table has one, else `name` (a KeyError if neither)."""
+  get(name)
+  if fake_quant and f"{name}_fake_quant" in TOLERANCES:
+    return f"{name}_fake_quant"
+  return name
