@@ -889,12 +889,12 @@ class _Verifier:
 
   def check_all(self, expected: Expected) -> None:
     if self.check_metadata():
-      self.check_variables()
+      self.check_variables(expected)
       self.check_signatures(expected)
       self.check_call_inference(expected)
       self.check_training(expected)
     else:
-      self.check_variables()
+      self.check_variables(expected)
       self.check_signatures(expected)
     self.check_regularization(expected)
 
@@ -926,7 +926,7 @@ class _Verifier:
         f"{'has' if module_has_train else 'has no'} train graph"))
     return ok
 
-  def check_variables(self) -> None:
+  def check_variables(self, reference: Expected) -> None:
     module_vars = {v.name for variant in self.module.variants.values()
                    for v in variant.variables}
     expected = {n: self.checkpoint[n] for n in module_vars if n in self.checkpoint}
@@ -934,10 +934,16 @@ class _Verifier:
         "variables/values", self.saved_values, expected, "variables"))
     trainable = {v.name for variant in self.module.variants.values()
                  for v in variant.variables if v.trainable}
+    # `trainable_variables` holds what `__call__`'s training computation
+    # uses: the module's trainable variables that its gradient reaches.
+    step = reference.steps.get("train")
+    if step is not None and step.gradients is not None:
+      trainable &= set(step.gradients)
     self.add(compare_lib.check(
         "variables/trainable", set(self.trainable) == trainable,
         f"{len(self.trainable)} trainable variables, the module has "
-        f"{len(trainable)}" + _diff_names(set(self.trainable), trainable)))
+        f"{len(trainable)} that the output's gradient reaches" +
+        _diff_names(set(self.trainable), trainable)))
 
   def check_signatures(self, expected: Expected) -> None:
     """Every TF1 signature and output key against the serving signatures."""
