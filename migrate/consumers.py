@@ -11,10 +11,23 @@ why the consumer cannot take this model (`not_applicable`, e.g. "not
 convertible to TFLite: op X"), or how it failed (`error`: a defect of the
 model). A runner never raises for what a consumer does not support.
 
-`CONSUMERS` lists them with their cost: the cheap ones suit every
-verification, the expensive ones (TFLite conversion, a child process for
-the C API) a `--consumers=all`. Measured on `resnet_v2_tiny` (4 input
-batches; 2 cores, shared and loaded): see each entry's `seconds`.
+`CONSUMERS` lists them with their cost. Seconds, measured once each on a
+shared 2-core host that other processes kept busy (load average 8-11), for
+`resnet_v2_tiny` (4 batches) / ResNet-v2-50 (224x224, batches 1 and 2), in
+a process that has TensorFlow imported:
+
+| runner | inference | with one fit step |
+| --- | --- | --- |
+| tf1_loader | 2.3 / 8.7 | - |
+| c_api_loader (child process) | 2.2 / 5.1 | - |
+| keras3_tfsm_layer | 3.1 / 6.1 | 7.8 / 22.3 |
+| tf_keras_hub_layer | 4.4 / 8.1 | 12.5 / 31.5 |
+| tflite | 4.5 / 18.7 | - |
+
+Cheap enough for every verification: the TF1 and C API loaders (the restore
+paths `tf.saved_model.load` does not take) and the Keras runners without a
+fit step. Expensive (`expensive`, for a `--consumers=all`): TFLite's
+conversion and the Keras fit steps (`fit_images`).
 """
 
 from __future__ import annotations
@@ -388,22 +401,26 @@ def tf_keras_hub_layer(path: str, inputs: Inputs,
 
 @dataclasses.dataclass(frozen=True)
 class Consumer:
+  """A runner: `run(path, inputs)`, and `run(path, inputs, fit_images=...)`
+  if `trains` (one fit step; the expensive part of that runner)."""
+
   name: str
   run: Callable[..., ConsumerResult]
   expensive: bool  # Behind `--consumers=all` rather than in every verification.
+  trains: bool
   what: str
 
 
 CONSUMERS: Mapping[str, Consumer] = {c.name: c for c in [
-    Consumer("tf1_loader", tf1_loader, False,
+    Consumer("tf1_loader", tf1_loader, False, False,
              "TF1 loader in a Session (saved_model_cli run), every signature"),
-    Consumer("keras3_tfsm_layer", keras3_tfsm_layer, False,
-             "Keras 3 TFSMLayer (serve; fit through call_training)"),
-    Consumer("tf_keras_hub_layer", tf_keras_hub_layer, False,
-             "tf_keras hub.KerasLayer(trainable=True)"),
-    Consumer("c_api_loader", c_api_loader, True,
+    Consumer("c_api_loader", c_api_loader, False, False,
              "C++ LoadSavedModel through the C API (TensorFlow Serving), "
              "serving_default"),
-    Consumer("tflite", tflite, True,
+    Consumer("keras3_tfsm_layer", keras3_tfsm_layer, False, True,
+             "Keras 3 TFSMLayer (serve; fit through call_training)"),
+    Consumer("tf_keras_hub_layer", tf_keras_hub_layer, False, True,
+             "tf_keras hub.KerasLayer(trainable=True)"),
+    Consumer("tflite", tflite, True, False,
              "TFLite converter and interpreter, serving_default"),
 ]}
