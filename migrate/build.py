@@ -13,7 +13,9 @@ same variables. `prune` then cuts one function per graph variant:
 
 The root object implements the Reusable SavedModel API:
 `__call__(images, training=False, **hparams)`, `variables`,
-`trainable_variables`, `regularization_losses`, plus `metadata`.
+`trainable_variables` (those `__call__`'s training computation reaches with
+a gradient), `regularization_losses`, plus `metadata` and the endpoints that
+Keras 3's `TFSMLayer` calls, `serve(images)` and `call_training(images)`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.framework import ops  # pylint: disable=g-direct-tensorflow-import
 
 import migrate
 from migrate import errors
@@ -33,6 +36,15 @@ from migrate import legacy_format
 from migrate import plan as plan_lib
 
 TOOL_VERSION = migrate.__version__
+# Names the Keras 3 endpoints: `keras.layers.TFSMLayer(path)` calls `serve`
+# by default; `call_training` is the name Keras's own `ExportArchive`
+# documentation gives a training-mode forward pass, for
+# `TFSMLayer(path, call_training_endpoint="call_training")`.
+SERVE_ENDPOINT = "serve"
+TRAINING_ENDPOINT = "call_training"
+# TensorFlow's registry of gradient functions (`ops.NotDifferentiable` puts
+# None there); read to know which variables a gradient reaches.
+_GRADIENT_REGISTRY = ops._gradient_registry  # pylint: disable=protected-access
 
 
 class MigratedModel(tf.__internal__.tracking.AutoTrackable):
@@ -73,10 +85,35 @@ def _graph_variables(graph_def) -> dict[str, tuple[tf.DType, tf.TensorShape]]:
   return result
 
 
-def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variable]:
-  """One eager variable per graph variable, restored from the checkpoint."""
-  trainable = {v.name for variant in module.variants.values()
-               for v in variant.variables if v.trainable}
+def _module_trainable(module: legacy_format.LegacyModule) -> set[str]:
+  return {v.name for variant in module.variants.values()
+          for v in variant.variables if v.trainable}
+
+
+def _variables_with_gradient(graph_def, tensor: str) -> set[str]:
+  """The variables a gradient of `tensor` reaches: those it reads through
+  data edges and ops that have a gradient (not through, e.g., `Shape` or
+  `StopGradient`, which TensorFlow registers as not differentiable)."""
+  nodes = {n.name: n for n in graph_def.node}
+  variable_ops = graph_rewrite.RESOURCE_VARIABLE_OPS | graph_rewrite.REF_VARIABLE_OPS
+  found, seen, todo = set(), set(), [_ref_name(tensor)]
+  while todo:
+    name = todo.pop()
+    node = nodes.get(name)
+    if name in seen or node is None:
+      continue
+    seen.add(name)
+    if node.op in variable_ops:
+      found.add(name)
+    elif not _not_differentiable(node.op):
+      todo.extend(_ref_name(r) for r in node.input if not r.startswith("^"))
+  return found
+
+
+def _create_variables(module: legacy_format.LegacyModule,
+                      trainable: set[str]) -> dict[str, tf.Variable]:
+  """One eager variable per graph variable, restored from the checkpoint;
+  those named in `trainable` are trainable."""
   in_graph: dict[str, tuple[tf.DType, tf.TensorShape]] = {}
   order: list[str] = []
   for tags in sorted(module.variants, key=len, reverse=True):
@@ -244,6 +281,16 @@ class _GraphIndex:
           f"{type(e).__name__}: {errors.first_line(e)}") from None
 
 
+def _not_differentiable(op_type: str) -> bool:
+  """Whether TensorFlow registers `op_type` as having no gradient
+  (`ops.NotDifferentiable`). Ops without any registration (function calls,
+  library functions) count as differentiable: their inputs are followed."""
+  try:
+    return _GRADIENT_REGISTRY.lookup(op_type) is None
+  except LookupError:
+    return False
+
+
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
   return tf.TensorSpec(info.shape, info.dtype)
 
@@ -318,7 +365,30 @@ def build(module: legacy_format.LegacyModule,
           plan: plan_lib.MigrationPlan) -> BuiltModel:
   """Builds the TF2 object for `plan`; raises `MigrationError` on bad input."""
   notes: list[str] = []
-  variables = _create_variables(module)
+  # Trainable: the module's trainable variables that `__call__`'s training
+  # computation reaches with a gradient (the output dropout, if removed
+  # later, reads no variable). The others (a feature-vector model's
+  # classification head) serve only other signatures: they stay in
+  # `variables`, not trainable, or Keras would warn on every fit step that
+  # they get no gradient (hub.KerasLayer takes `trainable_variables`,
+  # Keras 3's TFSMLayer the trainable variables its endpoints capture, and
+  # the training function reads the head for its update ops, e.g. the
+  # weights' FakeQuant ranges).
+  if plan.has_train_graph:
+    call_output = module.train.signatures[plan.signature].outputs[
+        plan.output_key].tensor_name
+    used = _variables_with_gradient(module.train.graph_def, call_output)
+  else:
+    used = _variables_with_gradient(module.inference.graph_def, plan.output_tensor)
+  module_trainable = _module_trainable(module)
+  variables = _create_variables(module, module_trainable & used)
+  left_out = [n for n in variables if n in module_trainable and n not in used]
+  if left_out:
+    notes.append(
+        f"{len(left_out)} trainable variables of the module are not trainable "
+        f"here (not in trainable_variables), because __call__'s training "
+        f"computation does not use them (only other signatures do; they stay "
+        f"in variables and keep serving those): {', '.join(left_out)}.")
   rewritten = 0
   indexes: dict[frozenset, _GraphIndex] = {}
   graph_defs = {}
@@ -452,6 +522,11 @@ def build(module: legacy_format.LegacyModule,
     for subset in subsets:
       call.get_concrete_function(images_spec, training,
                                  **{n: hparam_specs[n] for n in subset})
+  # Keras 3 endpoints: one image tensor in, the `__call__` output out.
+  setattr(root, SERVE_ENDPOINT, tf.function(
+      lambda images: call(images), input_signature=[images_spec]))
+  setattr(root, TRAINING_ENDPOINT, tf.function(
+      lambda images: call(images, training=True), input_signature=[images_spec]))
   root.metadata = _metadata(plan, module, notes, removed, train_output)
 
   signatures = _serving_signatures(module, plan, run_inference)

@@ -169,7 +169,38 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   module = legacy_format.read_module(old)
   safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   preflight.check_converted(new)
+  _check_made_by_this_tool(new)
   return verify_lib.verify(old, new, module=module)
+
+
+# What the root object of every model this tool writes holds (build.py).
+_ROOT_CHILDREN = ("__call__", "metadata", "variables", "trainable_variables")
+
+
+def _check_made_by_this_tool(new: str) -> None:
+  """Refuses a SavedModel whose root object lacks what `build` gives it (a
+  plain TF2 SavedModel, made by other means): its checks would not apply."""
+  from google.protobuf import message as pb_message  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  pb_path = os.path.join(new, preflight.SAVED_MODEL_FILENAME)
+  saved_model = saved_model_pb2.SavedModel()
+  try:
+    with open(pb_path, "rb") as f:
+      saved_model.ParseFromString(f.read())
+  except (OSError, pb_message.DecodeError, ValueError, RuntimeError) as e:
+    raise errors.CorruptModuleError(
+        f"{pb_path}: expected a SavedModel protocol buffer, found unreadable "
+        f"bytes ({type(e).__name__})") from None
+  graphs = [mg for mg in saved_model.meta_graphs
+            if mg.HasField("object_graph_def") and mg.object_graph_def.nodes]
+  children = ({c.local_name for c in graphs[0].object_graph_def.nodes[0].children}
+              if graphs else set())
+  missing = [c for c in _ROOT_CHILDREN if c not in children]
+  if missing:
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a SavedModel converted by migrate-hub-module (a root "
+        f"object with {', '.join(_ROOT_CHILDREN)}), found a SavedModel "
+        f"without {', '.join(missing)} (made by other means?)")
 
 
 def convert_to_dict(src: str, dst: str, **options) -> dict:

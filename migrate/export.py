@@ -25,12 +25,14 @@ from migrate import fileutil
 
 MODEL_CARD_FILENAME = "MODEL_CARD.md"
 _TMP_MARK = ".migrate-tmp-"
-# The TF1-style saver functions (_traced_save/_traced_restore) are only used
-# by tf.compat.v1 loaders; TF2 loading (hub.load, tf.saved_model.load,
-# hub.KerasLayer) restores through the object graph. Skipping them keeps the
-# output no larger than the input.
-_SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False,
-                                           experimental_skip_saver=True)
+# With the saver (the MetaGraph's `saver_def` and its save/restore
+# functions), every loader restores the variables: the TF2 object-graph
+# loaders, the TF1 loader in a Session (`saved_model_cli run`), the C++
+# `LoadSavedModel` (TensorFlow Serving) and the TFLite converter. Without it
+# (`experimental_skip_saver=True`) the last three run with uninitialized
+# variables. It costs about 160 KB on a fixture, nothing on a full-size
+# module (README, Performance).
+_SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
 _OLD_MARK = ".migrate-old-"
 
 
@@ -121,6 +123,9 @@ def stage(built: build_lib.BuiltModel, dst: str) -> StagedOutput:
     raise _io_error(dst, e) from None
   staged = StagedOutput(dst=dst, path=tmp)
   try:
+    # mkdtemp makes it 0700; the model gets the mode a directory made by
+    # tf.saved_model.save (or mkdir) would: readable by others under umask 022.
+    os.chmod(tmp, 0o777 & ~fileutil.current_umask())
     tf.saved_model.save(
         built.root, tmp, signatures=dict(built.signatures),
         options=_SAVE_OPTIONS)

@@ -24,6 +24,20 @@ def directory_size(path: str) -> int:
              for root, _, files in os.walk(path) for name in files)
 
 
+def current_umask() -> int:
+  """The process's umask, read without changing it where Linux shows it."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)  # Elsewhere: set and put back (process-wide, brief).
+  os.umask(mask)
+  return mask
+
+
 def pid_alive(pid: int) -> bool:
   """Whether a process with this id exists (ours or another user's)."""
   try:

@@ -64,6 +64,15 @@ TOLERANCES: Mapping[str, Tolerance] = {
         "may still differ by an ulp"),
     "gradient_norms_fake_quant": Tolerance(
         1e-2, 1e-3, "L2 norms of 'gradients_fake_quant', same reason"),
+    "consumer_tflite": Tolerance(
+        1e-3, 1e-3, "TFLite runs other kernels (XNNPACK) on a converted graph "
+        "(batch norm folded into the convolutions): ResNet-v2-50 at 224x224 "
+        "differed from the TF graph by up to 7.3e-4 (1.0e-4 relative) on "
+        "pooled features of magnitude ~7 and 1.3e-4 on block2 activations near "
+        "0.04; the fixtures by <= 3e-6. Covers the goldens' TF 2.15 kernels too"),
+    "consumer_tflite_fake_quant": Tolerance(
+        1e-3, 2e-2, "as consumer_tflite, and a FakeQuant grid step (see "
+        "training_output_fake_quant)"),
     "top_k": Tolerance(
         0.0, 1e-5, "identical top-k indices, except where the reference's "
         "k-th and (k+1)-th scores tie within this atol"),

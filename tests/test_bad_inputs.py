@@ -567,6 +567,15 @@ def verify_new_is_the_tf1_module(root):
 
 
 @case
+def verify_new_is_a_plain_tf2_saved_model(root):
+  src = _copy(root)
+  new = bi.make_tf2_saved_model(os.path.join(root, "tf2"))
+  return Case(["verify", src, new], ExitCode.NOT_A_HUB_MODULE,
+              [new, "expected a SavedModel converted by migrate-hub-module",
+               "found a SavedModel without metadata"], src=new)
+
+
+@case
 def verify_old_missing(root):
   old = os.path.join(root, "gone")
   new = bi.make_tf2_saved_model(os.path.join(root, "tf2"))
