@@ -96,7 +96,7 @@ def _variables_with_gradient(graph_def, tensor: str) -> set[str]:
   `StopGradient`, which TensorFlow registers as not differentiable)."""
   nodes = {n.name: n for n in graph_def.node}
   variable_ops = graph_rewrite.RESOURCE_VARIABLE_OPS | graph_rewrite.REF_VARIABLE_OPS
-  found, seen, todo = set(), set(), [_ref_name(tensor)]
+  found, seen, todo = set(), set(), [legacy_format.node_name(tensor)]
   while todo:
     name = todo.pop()
     node = nodes.get(name)
@@ -106,7 +106,7 @@ def _variables_with_gradient(graph_def, tensor: str) -> set[str]:
     if node.op in variable_ops:
       found.add(name)
     elif not _not_differentiable(node.op):
-      todo.extend(_ref_name(r) for r in node.input if not r.startswith("^"))
+      todo.extend(legacy_format.node_name(r) for r in node.input if not r.startswith("^"))
   return found
 
 

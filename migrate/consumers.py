@@ -93,9 +93,7 @@ class ConsumerResult:
 
 
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return (f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text
-          else type(error).__name__)
+  return f"{type(error).__name__}: {errors.first_line(error)}"
 
 
 def _timed(consumer: str, run: Callable[[ConsumerResult], None]) -> ConsumerResult:
