@@ -40,6 +40,12 @@ IMAGE_MODULE_INFO_KEY = "image_module_info"
 SUPPORTED_MODULE_FORMAT = 3  # ModuleDef.FORMAT_V3, the only one ever published.
 SUPPORTED_REQUIRED_FEATURES: frozenset[str] = frozenset()  # As in hub 0.15.
 
+# Image sides this tool accepts (the default size attached to a module, or a
+# fixed input size of its signature): real TF1 Hub image modules use 96 to
+# 600 pixels; verification makes images of that size, so a corrupt or
+# hostile value must not become a memory bomb.
+MAX_IMAGE_SIDE = 4096
+
 INFERENCE_TAGS: frozenset[str] = frozenset()
 TRAIN_TAGS: frozenset[str] = frozenset({"train"})
 
@@ -137,6 +143,7 @@ class LegacyModule:
   attachments: Mapping[str, bytes]
   checkpoint_prefix: str
   saved_model_sha256: str
+  source_bytes: int = 0  # Bytes of the module's files (what conversion reads).
 
   @property
   def inference(self) -> GraphVariant:
@@ -161,7 +168,18 @@ class LegacyModule:
     if not info.HasField("default_image_size"):
       return None
     size = info.default_image_size
+    check_image_size(f"{self.path}: attached message '{IMAGE_MODULE_INFO_KEY}'",
+                     "default image size", (size.height, size.width))
     return (size.height, size.width)
+
+
+def check_image_size(where: str, what: str, size: Sequence[Optional[int]]) -> None:
+  """Refuses an image side outside 1..MAX_IMAGE_SIDE (None: variable)."""
+  if any(s is not None and not 1 <= s <= MAX_IMAGE_SIDE for s in size):
+    shown = "x".join("None" if s is None else str(s) for s in size)
+    raise errors.CorruptModuleError(
+        f"{where}: expected a {what} of 1 to {MAX_IMAGE_SIDE} pixels per "
+        f"side, found {shown}")
 
 
 def placeholder_defaults(graph_def) -> dict[str, np.ndarray]:
@@ -187,8 +205,7 @@ def _read_module_def(path: str) -> ModuleDef:
   module_def_path = os.path.join(path, MODULE_DEF_FILENAME)
   module_def = ModuleDef()
   try:
-    with open(module_def_path, "rb") as f:
-      module_def.ParseFromString(f.read())
+    module_def.ParseFromString(fileutil.read_regular_file(module_def_path))
   except (pb_message.DecodeError, ValueError) as e:
     raise errors.CorruptModuleError(
         f"{module_def_path}: expected a ModuleDef protocol buffer, found "
@@ -235,8 +252,7 @@ def _parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
         f"{path}: expected a binary {SAVED_MODEL_FILENAME}, found only a text "
         f"saved_model.pbtxt")
   try:
-    with open(pb_path, "rb") as f:
-      saved_model.ParseFromString(f.read())
+    saved_model.ParseFromString(fileutil.read_regular_file(pb_path))
   except (pb_message.DecodeError, ValueError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{pb_path}: expected a SavedModel protocol buffer, found unparsable "
@@ -428,4 +444,5 @@ def read_module(path: str) -> LegacyModule:
       variants=variants,
       attachments=attachments,
       checkpoint_prefix=prefix,
-      saved_model_sha256=fileutil.file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)))
+      saved_model_sha256=fileutil.file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)),
+      source_bytes=sum(f.size for f in fileutil.source_files(path)))
