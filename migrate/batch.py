@@ -574,8 +574,9 @@ class BatchReport:
       if m.error:
         error = f"[{m.exit_code}] {m.error}"
         error = error if len(error) <= 160 else error[:157] + "..."
-      rows.append((rel(m.destination), m.status,
-                   f"{m.seconds:.1f}s" if m.seconds else "-", parity, error))
+      rows.append((errors.printable(rel(m.destination)), m.status,
+                   f"{m.seconds:.1f}s" if m.seconds else "-", parity,
+                   errors.printable(error)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join([v.ljust(w) for v, w in zip(r[:4], widths)] + [r[4]]).rstrip()
              for r in rows]

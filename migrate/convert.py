@@ -148,7 +148,9 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
     safety.check_saved_model(staged.path, allow_unsafe_ops=allow_unsafe_ops,
                              shown=f"{dst} (as written)")
     if verify:
-      report = verify_lib.verify(src, staged.path, reference=reference)
+      with _verification_errors(f"{src}: expected a module whose graphs run "
+                                f"on the inputs its signatures declare"):
+        report = verify_lib.verify(src, staged.path, reference=reference)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
@@ -196,13 +198,43 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
                       allow_unsafe_ops=allow_unsafe_ops)
   preflight.check_converted(new)
   safety.check_saved_model(new, allow_unsafe_ops=allow_unsafe_ops)
-  with _tensorflow_errors(old):
+  with _tensorflow_errors(old), _verification_errors(
+      f"{new}: expected a converted SavedModel (a Reusable SavedModel with "
+      f"__call__, variables and the serving signatures of {old})",
+      errors.NotAHubModuleError):
     return verify_lib.verify(old, new)
 
 
+# Lines of a TensorFlow error message that say where, not what.
+_CONTEXT_LINES = ("Graph execution error", "Detected at node", "<stack traces",
+                  "Node:", "File ", "Hint:", "[[", "[Op:", "Stack trace",
+                  "(most recent call")
+
+
 def _first_line(error: BaseException) -> str:
+  """The line of an error message that says what went wrong."""
+  lines = str(error).splitlines()
+  for line in lines:
+    text = line.strip()
+    if text and not line[0].isspace() and not text.startswith(_CONTEXT_LINES):
+      return text[:300]
   text = str(error).strip()
   return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _verification_errors(expected: str,
+                         error_type: type = errors.CorruptModuleError
+                         ) -> Iterator[None]:
+  """Verification feeds the model the inputs its signatures declare and calls
+  what it exposes; a model or module that does not fit (a fixed batch size,
+  a NEW without `variables`) surfaces there as a Python error, mapped here
+  to `error_type` with the line `expected`, found <error>."""
+  try:
+    yield
+  except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+    raise error_type(f"{expected}, found {type(e).__name__}: "
+                     f"{_first_line(e)}; nothing was written") from None
 
 
 @contextlib.contextmanager

@@ -277,7 +277,7 @@ class IsolatedCall:
         process.join()
         raise errors.WorkerTimeoutError(
             f"{what}: expected the conversion to finish within {timeout:g} s, "
-            f"found it still running; stopped it (nothing was written)")
+            f"found it still running; stopped it{NOTHING_WRITTEN}")
       try:
         status, payload = conn.recv()
       except EOFError:

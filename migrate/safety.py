@@ -153,7 +153,7 @@ _REFUSED_FAMILIES: tuple[tuple[str, str], ...] = (
      r"^Write|^Load|Dump|Record|Snapshot|ImmutableConst|Debug|^Print|"
      r"CalibrationStatistics|ImportEvent|Lmdb|LMDB|Sql|Vocab|Skipgram|"
      r"^(Decode|Encode)Proto|CustomAggregator"),
-    ("file system (a vocabulary file attribute, or sampler state)",
+    ("file system: a vocabulary file attribute, or sampler state",
      r"CandidateSampler|ComputeAccidentalHits"),
     ("network or other processes", r"Send|Recv|Collective|Nccl|Rpc|Remote|"
      r"Infeed|Outfeed|TPU|Tpu|^Xla|^_Xla|DTensor|Distributed|AllToAll|"
@@ -566,7 +566,7 @@ class _Scanner:
       ops = {n.name: n.op for n in fdef.node_def}
       for node, why in _saver_function_problems(fdef):
         self.refuse(f"{name}/{node}", ops.get(node, "?"),
-                    f"file system (a checkpoint op not in a saver's shape: {why})")
+                    f"file system: a checkpoint op not in a saver's shape, {why}")
     saver_calls = self._top_level_checkpoints(saver_functions)
     for node in self.mg.graph_def.node:
       self.node(node, "", saver_calls, saver_functions)
@@ -583,8 +583,8 @@ class _Scanner:
                       "a checkpoint function used as a gradient")
     for name in sorted(_object_graph_functions(self.mg)):
       if name in saver_functions:
-        self.refuse(name, "checkpoint function", "file system (callable from "
-                    "the object graph, not only by the saver)")
+        self.refuse(name, "checkpoint function", "file system: callable from "
+                    "the object graph, not only by the saver")
     return self.found
 
   def node(self, node, scope: str, saver_calls: frozenset[str],
@@ -596,7 +596,7 @@ class _Scanner:
       if scope and scope[:-1] in saver_functions:
         pass  # Checked with its function.
       elif node.name not in saver_calls:
-        self.refuse(where, node.op, "file system (not a saver's checkpoint op)")
+        self.refuse(where, node.op, "file system: not a saver's checkpoint op")
     elif node.op not in ALLOWED_OPS:
       self.refuse(where, node.op, refusal_reason(node.op) or "not in the allowlist")
     else:
@@ -631,8 +631,8 @@ class _Scanner:
     prefix = body.nodes.get(_node_of(saver.filename_tensor_name))
     if prefix is None or not self._is_filename_source(body, prefix):
       for node in roots:
-        self.refuse(node.name, node.op, "file system (no SaverDef filename "
-                    "tensor of a saver feeds it)")
+        self.refuse(node.name, node.op, "file system: no SaverDef filename "
+                    "tensor of a saver feeds it")
       return frozenset()
     variables = frozenset(n.name for n in graph.node
                           if n.op in ("VarHandleOp", "VariableV2", "Variable"))
@@ -653,7 +653,7 @@ class _Scanner:
     for name, why in shape.problems:
       node = body.nodes.get(name)
       self.refuse(name, node.op if node is not None else "?",
-                  f"file system (a checkpoint op not in a saver's shape: {why})")
+                  f"file system: a checkpoint op not in a saver's shape, {why}")
     bad = {name for name, _ in shape.problems}
     return frozenset(n.name for n in roots if n.name not in bad)
 

@@ -189,13 +189,6 @@ def test_archive_extraction_is_safe(tmp_path):
     batch.extract_archive(str(garbage), str(tmp_path / "out_garbage"))
 
 
-def test_staging_marks_match_export():
-  """clean_stale_files recognizes the names export.py gives its temporaries."""
-  from migrate import export  # pylint: disable=g-import-not-at-top
-  assert set(batch._STAGING_MARKS) == {export._TMP_MARK, export._OLD_MARK}  # pylint: disable=protected-access
-  assert batch.MODEL_CARD_FILENAME == export.MODEL_CARD_FILENAME
-
-
 # -- real batches ----------------------------------------------------------------
 
 def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path):
