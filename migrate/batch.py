@@ -864,8 +864,8 @@ class BatchRunner:
     if self.state.get(destination) is not None:
       return True
     try:
-      card = fileutil.read_regular_file(os.path.join(destination,
-                                                     MODEL_CARD_FILENAME))
+      card = fileutil.read_regular_file(
+          os.path.join(destination, MODEL_CARD_FILENAME), max_bytes=1 << 20)
     except (OSError, errors.MigrationError):
       return False
     return card.split(b"\n", 1)[0].strip() == MODEL_CARD_TITLE.encode()

@@ -83,8 +83,14 @@ _BEAM_ARGS = flags.DEFINE_string(
     "--direct_num_workers=2' (needs the [beam] extra).")
 
 
+_MAX_ERROR_CHARS = 4000  # A module can make a message long (names it quotes).
+
+
 def _print_error(message: str) -> None:
-  print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
+  message = printable(message)
+  if len(message) > _MAX_ERROR_CHARS:
+    message = message[:_MAX_ERROR_CHARS - 3] + "..."
+  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
 def _print_out(text: str) -> None:
@@ -167,6 +173,21 @@ def _print_conversion(r: dict) -> None:
   _print_out("\n".join(lines))
 
 
+def _check_reports_outside(*inputs: str) -> None:
+  """Refuses a --report file inside an input (by inode): SRC is never written."""
+  from migrate import errors  # pylint: disable=g-import-not-at-top
+  from migrate import staging
+  for path in (_REPORT.value or "").split(","):
+    if not path.strip():
+      continue
+    target = os.path.dirname(os.path.realpath(path.strip()))
+    for given in inputs:
+      if os.path.isdir(given) and staging.is_within(target, given):
+        raise errors.OutputError(
+            f"{path.strip()}: expected a report path outside the input {given}, "
+            f"found it inside (the input is never modified)")
+
+
 def _write_report(report_json: str) -> None:
   if _REPORT.value and report_json:
     with open(_REPORT.value, "w", encoding="utf-8") as f:
@@ -190,6 +211,7 @@ def _convert(src: str, dst: str) -> int:
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
   preflight.check_destination(src, dst, overwrite=_OVERWRITE.value)
+  _check_reports_outside(src)
   before = staging.path_identity(dst)
   try:
     try:
@@ -229,6 +251,7 @@ def _verify(old: str, new: str) -> int:
   from migrate import preflight
   preflight.check_source(old)
   preflight.check_converted(new)
+  _check_reports_outside(old, new)
   try:
     report = isolation.run_isolated(
         "migrate.convert:verify_to_dict", old, new, what=old,
@@ -252,6 +275,7 @@ def _batch(src_root: str, dst_root: str) -> int:
   import time
   from migrate import batch
   from migrate import errors
+  _check_reports_outside(src_root)
   if _MANIFEST.value:
     sources = batch.read_manifest(_MANIFEST.value, src_root, dst_root)
   else:

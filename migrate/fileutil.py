@@ -181,9 +181,21 @@ def _blocks(fd: int) -> Iterator[bytes]:
       yield block
 
 
-def read_regular_file(path: str, shown: Optional[str] = None) -> bytes:
-  """The bytes of the regular file `path` (refusing a FIFO or a device)."""
-  return b"".join(_blocks(open_regular(path, shown)))
+# Protocol buffers cannot exceed 2 GiB; a SavedModel's saved_model.pb is one.
+MAX_PROTO_BYTES = 2 << 30
+
+
+def read_regular_file(path: str, shown: Optional[str] = None, *,
+                      max_bytes: int = MAX_PROTO_BYTES) -> bytes:
+  """The bytes of the regular file `path` (refusing a FIFO or a device, or
+  more than `max_bytes`, before reading them)."""
+  fd = open_regular(path, shown)
+  size = os.fstat(fd).st_size
+  if size > max_bytes:
+    os.close(fd)
+    raise errors.CorruptModuleError(
+        f"{shown or path}: expected at most {max_bytes} bytes, found {size}")
+  return b"".join(_blocks(fd))
 
 
 def file_sha256(path: str) -> str:

@@ -46,6 +46,9 @@ SUPPORTED_REQUIRED_FEATURES: frozenset[str] = frozenset()  # As in hub 0.15.
 # hostile value must not become a memory bomb.
 MAX_IMAGE_SIDE = 4096
 
+# A ModuleDef is a format number and a few feature names.
+_MAX_MODULE_DEF_BYTES = 1 << 20
+
 INFERENCE_TAGS: frozenset[str] = frozenset()
 TRAIN_TAGS: frozenset[str] = frozenset({"train"})
 
@@ -205,7 +208,8 @@ def _read_module_def(path: str) -> ModuleDef:
   module_def_path = os.path.join(path, MODULE_DEF_FILENAME)
   module_def = ModuleDef()
   try:
-    module_def.ParseFromString(fileutil.read_regular_file(module_def_path))
+    module_def.ParseFromString(fileutil.read_regular_file(
+        module_def_path, max_bytes=_MAX_MODULE_DEF_BYTES))
   except (pb_message.DecodeError, ValueError) as e:
     raise errors.CorruptModuleError(
         f"{module_def_path}: expected a ModuleDef protocol buffer, found "

@@ -689,12 +689,17 @@ def find_unsafe_ops(module) -> list[UnsafeOp]:
                           sorted(module.variants.items(), key=lambda kv: sorted(kv[0])))
 
 
+def _shorten(text: str, limit: int = 160) -> str:
+  text = errors.printable(text)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe(ops: Sequence[UnsafeOp], limit: int = 6) -> str:
   unique: dict[tuple[str, str], UnsafeOp] = {}
   for op in ops:
     unique.setdefault((op.node, op.op), op)
-  items = [f"{errors.printable(op.op)} at '{errors.printable(op.node)}' "
-           f"({op.reaches})" for op in unique.values()]
+  items = [f"{_shorten(op.op)} at '{_shorten(op.node)}' ({op.reaches})"
+           for op in unique.values()]
   more = f", and {len(items) - limit} more" if len(items) > limit else ""
   return ", ".join(items[:limit]) + more
 

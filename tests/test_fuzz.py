@@ -2,8 +2,11 @@
 
 300 byte-mutated copies of `inference_only_asset` (bit flips, truncations,
 insertions, random overwrites of saved_model.pb, tfhub_module.pb and
-variables/variables.index) and 120 graph-level ones (a NodeDef's op, inputs,
-attrs, Const tensor, name changed or the node deleted) are converted by the library in ONE spawned worker
+variables/variables.index), 120 graph-level ones (a NodeDef's op, inputs,
+attrs, Const tensor, name changed or the node deleted) and 70 op-type and
+attribute ones (issue #14: an op of the registry or an unsafe one swapped in,
+function attributes naming ops, file paths in attributes, unsafe ops inside
+library and gradient functions) are converted by the library in ONE spawned worker
 (`isolation.run_isolated`, so a TensorFlow crash costs only that worker: the
 crashing case is then re-run through the CLI, which must report it as exit
 11, and the rest continue in a new worker). Per case: success with a
@@ -33,11 +36,14 @@ SEED = 6
 PER_FILE = 100  # x 3 files = 300 mutations.
 FILES = ("saved_model.pb", "tfhub_module.pb", os.path.join("variables", "variables.index"))
 GRAPH_CASES = 120  # NodeDef-level mutations of saved_model.pb.
+OP_CASES = 70  # Op-type and attribute mutations (issue #14).
+MEMORY_LIMIT = 4 << 30  # A mutated shape must not take the machine's memory.
 CASE_SECONDS = 60  # Bound per case (in the worker).
 DOCUMENTED_FAILURES = {int(c) for c in (
     errors.ExitCode.NOT_FOUND, errors.ExitCode.NOT_A_HUB_MODULE,
     errors.ExitCode.UNSUPPORTED, errors.ExitCode.CORRUPT,
-    errors.ExitCode.OUTPUT, errors.ExitCode.UNSAFE_OPS)}
+    errors.ExitCode.OUTPUT, errors.ExitCode.UNSAFE_OPS,
+    errors.ExitCode.RESOURCES)}
 
 
 def _make_cases(base: str) -> list[dict]:
@@ -74,6 +80,19 @@ def _make_cases(base: str) -> list[dict]:
     cases.append({"name": name, "file": "saved_model.pb (graph)", "kind": did,
                   "src": src, "dst": os.path.join(base, name, "out"),
                   "digest": bi.tree_digest(src)})
+  registry = bi.registered_ops()
+  for i in range(OP_CASES):
+    sm = bi.saved_model_pb2.SavedModel()
+    sm.ParseFromString(pristine)
+    did = bi.mutate_ops(sm, bi.OP_MUTATIONS[i % len(bi.OP_MUTATIONS)], rng,
+                        registry)
+    name = f"4_{i:03d}_ops"
+    src = os.path.join(base, name, "src")
+    shutil.copytree(original, src)
+    bi.write_saved_model(src, sm)
+    cases.append({"name": name, "file": "saved_model.pb (ops)", "kind": did,
+                  "src": src, "dst": os.path.join(base, name, "out"),
+                  "digest": bi.tree_digest(src)})
   return cases
 
 
@@ -106,9 +125,9 @@ def test_fuzzed_modules_end_in_success_or_one_clear_error(tmp_path):
       isolation.run_isolated(
           bi.convert_cases, [(c["src"], c["dst"]) for c in remaining],
           results_path, what="fuzz worker",
-          timeout=CASE_SECONDS * len(remaining))
+          timeout=CASE_SECONDS * len(remaining), memory_limit=MEMORY_LIMIT)
       break
-    except errors.WorkerCrashedError:
+    except (errors.WorkerCrashedError, errors.ResourceLimitError):
       done, started = _read_results(results_path)
       culprit = next(s for s in reversed(started) if s not in done)
       crashed.append(by_src[culprit])
