@@ -241,14 +241,16 @@ def _check_is_hub_module(path: str) -> None:
 def _is_tf2(path: str) -> bool:
   """True when saved_model.pb carries a TF2 object graph."""
   try:
-    saved_model = _parse_saved_model(path)
+    saved_model = parse_saved_model(path)
   except errors.MigrationError:
     return False
   return any(mg.HasField("object_graph_def") and mg.object_graph_def.nodes
              for mg in saved_model.meta_graphs)
 
 
-def _parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
+def parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
+  """The SavedModel protocol buffer of the directory `path` (one MetaGraph
+  at least); raises a MigrationError naming the file otherwise."""
   pb_path = os.path.join(path, SAVED_MODEL_FILENAME)
   saved_model = saved_model_pb2.SavedModel()
   if not os.path.isfile(pb_path):
@@ -379,6 +381,15 @@ def _check_asset_name(path: str, filename: str, where: str) -> str:
   return filename
 
 
+def unpack_asset_file_def(raw) -> Optional[meta_graph_pb2.AssetFileDef]:
+  """The AssetFileDef packed in an `Any` of a collection, or None."""
+  asset = meta_graph_pb2.AssetFileDef()
+  try:
+    return asset if raw.Unpack(asset) else None
+  except pb_message.DecodeError:
+    return None
+
+
 def _asset_files(mg: meta_graph_pb2.MetaGraphDef, path: str,
                  where: str) -> dict[str, str]:
   result = {}
@@ -389,12 +400,8 @@ def _asset_files(mg: meta_graph_pb2.MetaGraphDef, path: str,
   coll = mg.collection_def.get("saved_model_assets")
   if coll is not None:
     for raw in coll.any_list.value:
-      asset = meta_graph_pb2.AssetFileDef()
-      try:
-        unpacked = raw.Unpack(asset)
-      except pb_message.DecodeError:
-        unpacked = False
-      if not unpacked:
+      asset = unpack_asset_file_def(raw)
+      if asset is None:
         raise errors.CorruptModuleError(
             f"{where}: expected AssetFileDef messages in collection "
             f"'saved_model_assets', found {raw.type_url or 'an empty Any'}")
@@ -413,7 +420,7 @@ def read_module(path: str) -> LegacyModule:
   path = os.fspath(path)
   _check_is_hub_module(path)
   module_def = _read_module_def(path)
-  saved_model = _parse_saved_model(path)
+  saved_model = parse_saved_model(path)
   variants: dict[frozenset[str], GraphVariant] = {}
   attachments: dict[str, bytes] = {}
   for mg in saved_model.meta_graphs:

@@ -32,7 +32,6 @@ way before they are loaded (`check_saved_model`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -41,10 +40,9 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow.core.protobuf import saved_model_pb2
 
 from migrate import errors
-from migrate import fileutil
+from migrate import legacy_format
 
 # -- the allowlist ------------------------------------------------------------------
 
@@ -488,12 +486,8 @@ def _external_references(mg: meta_graph_pb2.MetaGraphDef) -> Iterator[tuple[str,
             yield _node_of(name), f"collection '{key}'"
     elif kind == "any_list":
       for raw in coll.any_list.value:
-        asset = meta_graph_pb2.AssetFileDef()
-        try:
-          unpacked = raw.Unpack(asset)
-        except pb_message.DecodeError:
-          unpacked = False
-        if unpacked:
+        asset = legacy_format.unpack_asset_file_def(raw)
+        if asset is not None:
           yield _node_of(asset.tensor_info.name), f"collection '{key}'"
   for asset in mg.asset_file_def:
     yield _node_of(asset.tensor_info.name), "asset_file_def"
@@ -723,15 +717,7 @@ def check_saved_model(path: str, *, allow_unsafe_ops: bool,
   `shown` names the model in the message (default: `path`).
   """
   shown = shown or path
-  pb_path = os.path.join(path, "saved_model.pb")
-  saved_model = saved_model_pb2.SavedModel()
-  try:
-    saved_model.ParseFromString(fileutil.read_regular_file(pb_path))
-  except (pb_message.DecodeError, ValueError, RuntimeError) as e:
-    raise errors.CorruptModuleError(
-        f"{shown}: expected a SavedModel protocol buffer in saved_model.pb, "
-        f"found unparsable bytes ({e})") from None
-  found = scan_meta_graphs(saved_model.meta_graphs)
+  found = scan_meta_graphs(legacy_format.parse_saved_model(path).meta_graphs)
   if found and not allow_unsafe_ops:
     raise errors.UnsafeOpsError(
         f"{shown}: expected a model of pure computations, found {len(found)} "

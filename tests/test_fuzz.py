@@ -68,31 +68,25 @@ def _make_cases(base: str) -> list[dict]:
   # input most likely to reach (and crash) TensorFlow's C++ side.
   with open(os.path.join(original, "saved_model.pb"), "rb") as f:
     pristine = f.read()
-  for i in range(GRAPH_CASES):
+  def graph_case(name: str, what: str, mutate) -> None:
     sm = bi.saved_model_pb2.SavedModel()
     sm.ParseFromString(pristine)
-    kinds = [rng.choice(bi.GRAPH_MUTATIONS) for _ in range(rng.randint(1, 2))]
-    did = "; ".join(bi.mutate_graph(sm, k, rng) for k in kinds)
-    name = f"3_{i:03d}_graph"
+    did = mutate(sm)
     src = os.path.join(base, name, "src")
     shutil.copytree(original, src)
     bi.write_saved_model(src, sm)
-    cases.append({"name": name, "file": "saved_model.pb (graph)", "kind": did,
+    cases.append({"name": name, "file": f"saved_model.pb ({what})", "kind": did,
                   "src": src, "dst": os.path.join(base, name, "out"),
                   "digest": bi.tree_digest(src)})
+  for i in range(GRAPH_CASES):
+    kinds = [rng.choice(bi.GRAPH_MUTATIONS) for _ in range(rng.randint(1, 2))]
+    graph_case(f"3_{i:03d}_graph", "graph", lambda sm, kinds=kinds: "; ".join(
+        bi.mutate_graph(sm, k, rng) for k in kinds))
   registry = bi.registered_ops()
   for i in range(OP_CASES):
-    sm = bi.saved_model_pb2.SavedModel()
-    sm.ParseFromString(pristine)
-    did = bi.mutate_ops(sm, bi.OP_MUTATIONS[i % len(bi.OP_MUTATIONS)], rng,
-                        registry)
-    name = f"4_{i:03d}_ops"
-    src = os.path.join(base, name, "src")
-    shutil.copytree(original, src)
-    bi.write_saved_model(src, sm)
-    cases.append({"name": name, "file": "saved_model.pb (ops)", "kind": did,
-                  "src": src, "dst": os.path.join(base, name, "out"),
-                  "digest": bi.tree_digest(src)})
+    kind = bi.OP_MUTATIONS[i % len(bi.OP_MUTATIONS)]
+    graph_case(f"4_{i:03d}_ops", "ops", lambda sm, kind=kind: bi.mutate_ops(
+        sm, kind, rng, registry))
   return cases
 
 

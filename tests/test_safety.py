@@ -245,22 +245,10 @@ def test_a_module_with_a_real_saver_converts_and_verifies(saver_modules, tmp_pat
 
 # -- TF2 SavedModels (the output, and NEW of verify) ------------------------------
 
-class _Tiny(tf.Module):
-
-  def __init__(self):
-    super().__init__()
-    self.w = tf.Variable([[1.0], [2.0], [3.0]])
-
-  @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
-  def __call__(self, x):
-    return tf.matmul(x, self.w)
-
-
 @pytest.fixture(scope="module")
 def tf2_with_saver(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tf2") / "model")
-  tf.saved_model.save(_Tiny(), path)  # With the saver (_traced_save/restore).
-  return path
+  # Saved with TensorFlow's defaults: with the saver (_traced_save/restore).
+  return bi.make_tf2_saved_model(str(tmp_path_factory.mktemp("tf2") / "model"))
 
 
 def test_the_tf2_saver_passes(tf2_with_saver):
