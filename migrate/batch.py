@@ -71,6 +71,7 @@ STATUS_FAILED = "failed"
 # Safety limits for extracting a module archive: those of a module directory.
 MAX_ARCHIVE_BYTES = fileutil.MAX_SOURCE_BYTES
 MAX_ARCHIVE_MEMBERS = fileutil.MAX_SOURCE_ENTRIES
+MAX_MANIFEST_BYTES = 64 << 20  # Hundreds of thousands of rows.
 
 
 class ManifestError(errors.MigrationError):
@@ -218,11 +219,14 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
   src_root = os.path.abspath(src_root)
   dst_root = os.path.abspath(dst_root)
   try:
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.DictReader(f))
-      header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    # A regular file of sane size: a FIFO or /dev/zero must not block.
+    text = fileutil.read_regular_file(manifest, max_bytes=MAX_MANIFEST_BYTES)
+    rows = list(csv.DictReader(io.StringIO(text.decode("utf-8-sig"), newline="")))
+    header = [h.strip() for h in (rows[0].keys() if rows else [])]
   except FileNotFoundError:
     raise errors.InputNotFoundError(f"{manifest}: no such manifest file") from None
+  except errors.MigrationError as e:
+    raise ManifestError(str(e)) from None
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise ManifestError(f"{manifest}: expected a UTF-8 CSV file, found "
                         f"{type(e).__name__}: {e}") from None

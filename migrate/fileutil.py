@@ -44,10 +44,11 @@ def _kind(mode: int) -> str:
   return "a special file"
 
 
-def _unreadable(path: str, found: str) -> errors.CorruptModuleError:
+def _unreadable(path: str, found: str,
+                expected: str = "a regular file or directory inside the module"
+                ) -> errors.CorruptModuleError:
   return errors.CorruptModuleError(
-      f"{path}: expected a regular file or directory inside the module, found "
-      f"{found}; refusing to read it")
+      f"{path}: expected {expected}, found {found}; refusing to read it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,12 +166,12 @@ def open_regular(path: str, shown: Optional[str] = None) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
   except OSError as e:
     if e.errno in (errno.ENXIO, errno.EWOULDBLOCK):  # A socket, a busy device.
-      raise _unreadable(shown, "a special file") from None
+      raise _unreadable(shown, "a special file", "a regular file") from None
     raise
   st = os.fstat(fd)
   if not stat.S_ISREG(st.st_mode):
     os.close(fd)
-    raise _unreadable(shown, _kind(st.st_mode))
+    raise _unreadable(shown, _kind(st.st_mode), "a regular file")
   os.set_blocking(fd, True)
   return fd
 

@@ -101,6 +101,8 @@ def check_destination(src: str, dst: str, *, overwrite: bool) -> None:
     raise errors.OutputError(
         f"{dst}: expected a new output path, found an existing {kind} "
         f"(pass --overwrite to replace it)")
+  if os.path.lexists(dst):
+    staging.check_replaceable(dst, os.lstat(dst))
   parent = os.path.dirname(os.path.abspath(dst))
   if not os.path.isdir(parent):
     raise errors.OutputError(

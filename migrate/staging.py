@@ -87,6 +87,16 @@ def is_within(path: str, container: str) -> bool:
     os.close(fd)
 
 
+def check_replaceable(dst: str, st: os.stat_result) -> None:
+  """`--overwrite` replaces a directory, a file or a symlink (not what it
+  points to); never a FIFO, a device or a socket (`/dev/null` as DST)."""
+  if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or
+          stat.S_ISLNK(st.st_mode)):
+    raise errors.OutputError(
+        f"{dst}: expected a directory or a file to replace, found a special "
+        f"file (a device, FIFO or socket); refusing to replace it")
+
+
 def _proc_path(fd: int) -> Optional[str]:
   """A path that names the open directory `fd` for this process and its
   children (Linux), whatever happens to its name meanwhile."""
@@ -239,6 +249,11 @@ class Destination:
         raise errors.OutputError(
             f"{self.dst}: expected a new output path, found one created "
             f"meanwhile (pass --overwrite to replace it)")
+      try:
+        check_replaceable(self.dst, os.lstat(self.name, dir_fd=self.fd))
+      except errors.MigrationError:
+        self.discard(staged)
+        raise
       old = self._mkdir(OLD_MARK)
       os.rename(self.name, f"{old}/{PREVIOUS}", src_dir_fd=self.fd,
                 dst_dir_fd=self.fd)

@@ -895,6 +895,32 @@ def non_utf8_module_path(root):
                         "expected a module path in UTF-8"])
 
 
+@case
+def dst_is_a_fifo_with_overwrite(root):
+  """--overwrite replaces a directory or a file, never a FIFO or a device."""
+  import stat  # pylint: disable=g-import-not-at-top
+  src = _copy(root)
+  fifo = os.path.join(root, "out")
+  os.mkfifo(fifo)
+  c = Case([src, fifo, "--overwrite"], ExitCode.OUTPUT,
+           [fifo, "found a special file", "refusing to replace it"], src=src)
+
+  def still_there():
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not bi.leftovers_beside(fifo)
+  c.post = still_there
+  return c
+
+
+@case
+def report_inside_src(root):
+  src = _copy(root)
+  report = os.path.join(src, "saved_model.pb")
+  return _convert_case(src, root, ExitCode.OUTPUT,
+                       [report, "expected a report path outside the input"],
+                       f"--report={report}")
+
+
 # ---- Issue #14: bad input that was exit 1 ----------------------------------
 
 def _image_size_case(root, height, width):
