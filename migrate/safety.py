@@ -36,6 +36,7 @@ import re
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from google.protobuf import message as pb_message
+from tensorflow.core.framework import attr_value_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import config_pb2
@@ -250,6 +251,14 @@ class UnsafeOp:
 
 # -- references in a graph body (the top-level graph or one function) --------------
 
+_NO_ATTR = attr_value_pb2.AttrValue()
+
+
+def _attr(node, key: str) -> attr_value_pb2.AttrValue:
+  """`node.attr[key]` without adding it (indexing a protobuf map inserts)."""
+  return node.attr[key] if key in node.attr else _NO_ATTR
+
+
 def _node_of(ref: str) -> str:
   """Node name of an input reference: 'a', 'a:1', '^a', 'a:output:0'."""
   return ref.lstrip("^").split(":")[0]
@@ -300,7 +309,7 @@ class _Body:
 def _const_strings(node) -> Optional[list[bytes]]:
   if isinstance(node, str) or node is None or node.op != "Const":
     return None
-  tensor = node.attr["value"].tensor
+  tensor = _attr(node, "value").tensor
   if tensor.dtype != types_pb2.DT_STRING:
     return None
   return list(tensor.string_val)
@@ -308,7 +317,7 @@ def _const_strings(node) -> Optional[list[bytes]]:
 
 def _const_int(node) -> bool:
   return (not isinstance(node, str) and node is not None and node.op == "Const"
-          and node.attr["value"].tensor.dtype in (types_pb2.DT_INT32,
+          and _attr(node, "value").tensor.dtype in (types_pb2.DT_INT32,
                                                   types_pb2.DT_INT64))
 
 
@@ -338,7 +347,8 @@ class _SaverShape:
       return False
     join = self.body.data_input(node, 0)
     if (isinstance(join, str) or join is None or join.op != "StringJoin" or
-        join.attr["separator"].s or not _const_int(self.body.data_input(node, 1))
+        _attr(join, "separator").s or
+        not _const_int(self.body.data_input(node, 1))
         or not _const_int(self.body.data_input(node, 2))):
       return False
     if not self.is_prefix(self.body.data_input(join, 0)):
@@ -527,11 +537,11 @@ def _func_names(attr_value) -> Iterator[tuple[str, "object"]]:
 
 
 def _config_problem(node) -> Optional[str]:
-  if node.op not in _FUNCTION_CALL_OPS or not node.attr["config_proto"].s:
+  if node.op not in _FUNCTION_CALL_OPS or not _attr(node, "config_proto").s:
     return None
   config = config_pb2.ConfigProto()
   try:
-    config.ParseFromString(node.attr["config_proto"].s)
+    config.ParseFromString(_attr(node, "config_proto").s)
   except pb_message.DecodeError:
     return "an unparsable config_proto attribute"
   for field in _CONFIG_FORBIDDEN:
@@ -616,7 +626,7 @@ class _Scanner:
 
     def calls_saver(node) -> bool:
       return (node.op in _FUNCTION_CALL_OPS and
-              node.attr["f"].func.name in saver_functions) or (
+              _attr(node, "f").func.name in saver_functions) or (
                   node.op in saver_functions)
     roots = [n for n in graph.node if n.op in CHECKPOINT_OPS or calls_saver(n)]
     if not roots:
@@ -656,7 +666,7 @@ class _Scanner:
     """A string Placeholder, or a default that is a plain file name ('model')."""
     for _ in range(8):
       if node.op == "Placeholder":
-        return node.attr["dtype"].type == types_pb2.DT_STRING
+        return _attr(node, "dtype").type == types_pb2.DT_STRING
       if node.op == "PlaceholderWithDefault":
         node = body.data_input(node, 0)
         if isinstance(node, str) or node is None:

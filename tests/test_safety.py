@@ -257,6 +257,9 @@ def test_the_tf2_saver_passes(tf2_with_saver):
           for n in f.node_def}
   assert {"RestoreV2", "SaveV2", "MergeV2Checkpoints"} <= fops
   assert not safety.check_saved_model(tf2_with_saver, allow_unsafe_ops=False)
+  before = sm.SerializeToString()
+  assert not safety.scan_meta_graphs(sm.meta_graphs)
+  assert sm.SerializeToString() == before  # The scan changes nothing it reads.
 
 
 def _edit_tf2(src: str, dest: str, fn) -> str:
