@@ -49,14 +49,15 @@ from migrate import errors
 from migrate import fileutil
 from migrate import isolation
 from migrate import preflight
+from migrate import staging
 
 STATE_FILENAME = ".migrate-batch-state.json"
 WORK_DIRNAME = ".migrate-batch"
 STATE_VERSION = 1
 MODULE_DEF_FILENAME = preflight.MODULE_DEF_FILENAME
 SAVED_MODEL_FILENAME = preflight.SAVED_MODEL_FILENAME
-MODEL_CARD_FILENAME = "MODEL_CARD.md"  # As export.MODEL_CARD_FILENAME.
-MODEL_CARD_TITLE = "# Model card: converted TF1 Hub module"
+MODEL_CARD_FILENAME = staging.MODEL_CARD_FILENAME
+MODEL_CARD_TITLE = staging.MODEL_CARD_TITLE
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 KIND_DIRECTORY = "directory"
@@ -67,15 +68,10 @@ STATUS_CONVERTED = "converted"
 STATUS_SKIPPED = "skipped (up to date)"
 STATUS_FAILED = "failed"
 
-# Safety limits for extracting a module archive (a module is a few files; the
-# largest TF1 Hub image modules are well under 2 GB).
-MAX_ARCHIVE_BYTES = 8 << 30
-MAX_ARCHIVE_MEMBERS = 10_000
-
-# Temporary directories that export.stage / StagedOutput.commit leave beside a
-# DST when their process is killed: ".<basename>.migrate-tmp-<pid>-..." and
-# ".<basename>.migrate-old-<pid>-..." (tests check this matches export.py).
-_STAGING_MARKS = (".migrate-tmp-", ".migrate-old-")
+# Safety limits for extracting a module archive: those of a module directory.
+MAX_ARCHIVE_BYTES = fileutil.MAX_SOURCE_BYTES
+MAX_ARCHIVE_MEMBERS = fileutil.MAX_SOURCE_ENTRIES
+MAX_MANIFEST_BYTES = 64 << 20  # Hundreds of thousands of rows.
 
 
 class ManifestError(errors.MigrationError):
@@ -116,6 +112,9 @@ class Source:
   destination: str  # Absolute path of the converted model.
   signature: Optional[str] = None  # Per-module overrides of ConvertOptions.
   output_key: Optional[str] = None
+  # What a discovered source must stay inside (SRC_ROOT): a symlink out of it
+  # is refused. None: the source itself is the boundary (manifest rows).
+  root: Optional[str] = None
 
   @property
   def name(self) -> str:
@@ -168,6 +167,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
   if os.path.isfile(os.path.join(src_root, MODULE_DEF_FILENAME)):
     return [Source(src_root, KIND_DIRECTORY,
                    os.path.join(dst_root, os.path.basename(src_root)))]
+  # The walk lists symlinks without following them; a module reached through
+  # one is checked against SRC_ROOT when it is planned (`Source.root`).
   sources = []
   for root, dirs, files in os.walk(src_root):
     dirs.sort()
@@ -179,7 +180,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
         continue
       if os.path.isfile(os.path.join(full, MODULE_DEF_FILENAME)):
         rel = os.path.relpath(full, src_root)
-        sources.append(Source(full, KIND_DIRECTORY, os.path.join(dst_root, rel)))
+        sources.append(Source(full, KIND_DIRECTORY, os.path.join(dst_root, rel),
+                              root=src_root))
       else:
         keep.append(d)
     dirs[:] = keep
@@ -187,7 +189,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
       if _is_archive(f) and not f.startswith("."):
         full = os.path.join(root, f)
         rel = os.path.relpath(os.path.join(root, _archive_stem(f)), src_root)
-        sources.append(Source(full, KIND_ARCHIVE, os.path.join(dst_root, rel)))
+        sources.append(Source(full, KIND_ARCHIVE, os.path.join(dst_root, rel),
+                              root=src_root))
   return sorted(sources, key=lambda s: s.destination)
 
 
@@ -216,11 +219,14 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
   src_root = os.path.abspath(src_root)
   dst_root = os.path.abspath(dst_root)
   try:
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.DictReader(f))
-      header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    # A regular file of sane size: a FIFO or /dev/zero must not block.
+    text = fileutil.read_regular_file(manifest, max_bytes=MAX_MANIFEST_BYTES)
+    rows = list(csv.DictReader(io.StringIO(text.decode("utf-8-sig"), newline="")))
+    header = [h.strip() for h in (rows[0].keys() if rows else [])]
   except FileNotFoundError:
     raise errors.InputNotFoundError(f"{manifest}: no such manifest file") from None
+  except errors.MigrationError as e:
+    raise ManifestError(str(e)) from None
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise ManifestError(f"{manifest}: expected a UTF-8 CSV file, found "
                         f"{type(e).__name__}: {e}") from None
@@ -262,37 +268,31 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
 
 # -- content hashes --------------------------------------------------------------
 
-def tree_sha256(path: str) -> str:
-  """sha256 over every file of a directory: relative paths, sizes, contents."""
-  digest = hashlib.sha256()
-  for root, dirs, files in os.walk(path):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, path).replace(os.sep, "/")
-      digest.update(f"{rel}\0{os.path.getsize(full)}\0".encode())
-      with open(full, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-  return digest.hexdigest()
+tree_sha256 = fileutil.tree_sha256
 
 
 def source_sha256(location: str, kind: str) -> str:
-  """The content hash of a local source (archive file or module directory)."""
+  """The content hash of a local source (archive file or module directory):
+  every byte that conversion reads (files reached through symlinks inside the
+  module included). FIFOs, devices and links out of it are refused before
+  anything opens them, so planning cannot block."""
   if kind == KIND_ARCHIVE:
     return fileutil.file_sha256(location)
-  return tree_sha256(location)
+  return fileutil.tree_sha256(location)
 
 
 def _source_size(source: Source) -> int:
-  try:
-    if source.kind == KIND_ARCHIVE:
-      return os.path.getsize(source.location)
-    if source.kind == KIND_DIRECTORY:
-      return sum(os.path.getsize(os.path.join(r, f))
-                 for r, _, fs in os.walk(source.location) for f in fs)
-  except OSError:
-    pass
+  """Bytes of a local source; refuses what `source_sha256` refuses."""
+  if source.kind == KIND_ARCHIVE:
+    os.close(fileutil.open_regular(source.location))
+    size = os.path.getsize(source.location)
+    if size > MAX_ARCHIVE_BYTES:
+      raise errors.CorruptModuleError(
+          f"{source.location}: expected an archive of at most "
+          f"{MAX_ARCHIVE_BYTES} bytes, found {size}")
+    return size
+  if source.kind == KIND_DIRECTORY:
+    return sum(f.size for f in fileutil.source_files(source.location))
   return 0
 
 
@@ -315,7 +315,8 @@ def extract_archive(archive: str, dest: str, *,
 
   os.makedirs(dest)
   try:
-    with tarfile.open(archive, "r:*") as tar:
+    with os.fdopen(fileutil.open_regular(archive), "rb") as raw, \
+         tarfile.open(fileobj=raw, mode="r:*") as tar:
       members = []
       total = 0
       for member in tar:
@@ -432,7 +433,7 @@ def convert_in_worker(item: WorkItem) -> dict[str, Any]:
                           max_bytes=item.max_archive_bytes)
   elif item.kind == KIND_URL:
     src = _resolve_url(item.location, item.tfhub_cache)
-    sha = tree_sha256(src)
+    sha = fileutil.tree_sha256(src)
     if sha == item.skip_if_sha256 and os.path.isfile(
         os.path.join(item.destination, SAVED_MODEL_FILENAME)):
       return {"skipped": True, "source_sha256": sha}
@@ -533,11 +534,15 @@ class BatchReport:
             f"failed, in {self.seconds:.1f}s with {self.jobs} worker(s)")
 
   def to_dict(self) -> dict[str, Any]:
-    return {"dst_root": self.dst_root, "jobs": self.jobs,
-            "started_at": self.started_at, "seconds": round(self.seconds, 3),
-            "state": self.state_path, "counts": self.counts,
-            "exit_code": int(self.exit_code),
-            "modules": [dataclasses.asdict(m) for m in self.modules]}
+    """The report as plain data; every text escaped (`errors.printable`):
+    paths and messages quote module text, and a path that is not UTF-8
+    could not be written otherwise."""
+    return _printable({
+        "dst_root": self.dst_root, "jobs": self.jobs,
+        "started_at": self.started_at, "seconds": round(self.seconds, 3),
+        "state": self.state_path, "counts": self.counts,
+        "exit_code": int(self.exit_code),
+        "modules": [dataclasses.asdict(m) for m in self.modules]})
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1)
@@ -552,7 +557,8 @@ class BatchReport:
         value = m.stage_seconds.get(stage)
         row[f"{stage}_s"] = "" if value is None else f"{value:.3f}"
       row["seconds"] = f"{m.seconds:.3f}"
-      writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+      writer.writerow({k: ("" if v is None else _printable(v))
+                       for k, v in row.items()})
     return out.getvalue()
 
   def write(self, path: str) -> None:
@@ -572,8 +578,9 @@ class BatchReport:
       if m.error:
         error = f"[{m.exit_code}] {m.error}"
         error = error if len(error) <= 160 else error[:157] + "..."
-      rows.append((rel(m.destination), m.status,
-                   f"{m.seconds:.1f}s" if m.seconds else "-", parity, error))
+      rows.append((errors.printable(rel(m.destination)), m.status,
+                   f"{m.seconds:.1f}s" if m.seconds else "-", parity,
+                   errors.printable(error)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join([v.ljust(w) for v, w in zip(r[:4], widths)] + [r[4]]).rstrip()
              for r in rows]
@@ -668,21 +675,10 @@ def clean_stale_files(dst_root: str, destinations: Iterable[str]) -> list[str]:
         removed.append(os.path.join(dst_root, name))
   except OSError:
     pass
-  by_parent: dict[str, set[str]] = {}
   for dst in destinations:
-    by_parent.setdefault(os.path.dirname(dst), set()).add(os.path.basename(dst))
-  marks = "|".join(re.escape(m) for m in _STAGING_MARKS)
-  for parent, bases in by_parent.items():
-    try:
-      names = os.listdir(parent)
-    except OSError:
-      continue
-    for base in bases:
-      pattern = re.compile(rf"^\.{re.escape(base)}({marks})(\d+)-")
-      for name in names:
-        match = pattern.match(name)
-        if match and _remove_if_dead(os.path.join(parent, name), match.group(2)):
-          removed.append(os.path.join(parent, name))
+    if os.path.isdir(os.path.dirname(dst)):
+      removed += [os.path.join(os.path.dirname(dst), name)
+                  for name in staging.clean_stale(dst)]
   return removed
 
 
@@ -756,6 +752,22 @@ def default_jobs() -> int:
 
 # -- the batch -------------------------------------------------------------------
 
+def _one_line(error: BaseException) -> str:
+  """The error's cause, escaped, as one line of any length."""
+  return errors.printable(errors.first_line(error, limit=None))
+
+
+def _printable(value: Any) -> Any:
+  """`value` with every string in it escaped by `errors.printable`."""
+  if isinstance(value, str):
+    return errors.printable(value)
+  if isinstance(value, dict):
+    return {_printable(k): _printable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_printable(v) for v in value]
+  return value
+
+
 class BatchRunner:
   """One batch over DST_ROOT: plans, converts (in workers), records.
 
@@ -765,7 +777,8 @@ class BatchRunner:
 
   def __init__(self, dst_root: str, *, jobs: int, timeout: Optional[float],
                options: ConvertOptions, on_progress, quiet: bool,
-               threads_per_worker: Optional[int], max_archive_bytes: int):
+               threads_per_worker: Optional[int], max_archive_bytes: int,
+               memory_limit: Optional[int] = None):
     self.dst_root = dst_root
     self.work_dir = os.path.join(dst_root, WORK_DIRNAME)
     self.scratch_root = os.path.join(self.work_dir, "tmp")
@@ -778,6 +791,7 @@ class BatchRunner:
     self.quiet = quiet
     self.threads = threads_per_worker
     self.max_archive_bytes = max_archive_bytes
+    self.memory_limit = memory_limit
     self.cancelled = threading.Event()
     self._dirs_lock = threading.Lock()
     self._in_flight: dict[str, int] = {}  # DST parents of running modules.
@@ -854,11 +868,11 @@ class BatchRunner:
     if self.state.get(destination) is not None:
       return True
     try:
-      with open(os.path.join(destination, MODEL_CARD_FILENAME),
-                encoding="utf-8") as f:
-        return f.readline().strip() == MODEL_CARD_TITLE
-    except OSError:
+      card = fileutil.read_regular_file(
+          os.path.join(destination, MODEL_CARD_FILENAME), max_bytes=1 << 20)
+    except (OSError, errors.MigrationError):
       return False
+    return card.split(b"\n", 1)[0].strip() == MODEL_CARD_TITLE.encode()
 
   def _rewrite_paths(self, text: str, source: Source,
                      scratch: Optional[str]) -> str:
@@ -872,12 +886,13 @@ class BatchRunner:
       text = text.replace(cached, source.location)
     return text
 
-  def process(self, source: Source, sha: Optional[str]) -> Optional[ModuleOutcome]:
+  def process(self, source: Source, sha: Optional[str],
+              size: int = 0) -> Optional[ModuleOutcome]:
     """Converts one module in a worker process; records and returns the outcome."""
     if self.cancelled.is_set():
       return None
     self.emit("started", module=source.location)
-    outcome = self.convert(source, sha)
+    outcome = self.convert(source, sha, size)
     if self.cancelled.is_set() or (
         outcome.exit_code == errors.ExitCode.INTERNAL
         and "(KeyboardInterrupt" in (outcome.error or "")):
@@ -894,7 +909,14 @@ class BatchRunner:
       record["options"] = self.fingerprint(source)
       self.state.put(source.destination, record)
 
-  def convert(self, source: Source, sha: Optional[str]) -> ModuleOutcome:
+  def module_timeout(self, size: int) -> Optional[float]:
+    """The time limit of a module of `size` bytes (None: no limit)."""
+    if self.timeout is None:
+      return preflight.default_timeout(size)
+    return self.timeout or None
+
+  def convert(self, source: Source, sha: Optional[str],
+              size: int = 0) -> ModuleOutcome:
     """Converts one module in a worker process (no state, no progress)."""
     began = time.monotonic()
     outcome = ModuleOutcome(source=source.location,
@@ -929,9 +951,16 @@ class BatchRunner:
                           else None),
           threads=self.threads, quiet=self.quiet,
           max_archive_bytes=self.max_archive_bytes)
-      result = isolation.run_isolated(
-          convert_in_worker, item, what=source.location, timeout=self.timeout,
-          quiet=False)  # The child silences its own stderr (item.quiet).
+      before = staging.path_identity(source.destination)
+      try:
+        result = isolation.run_isolated(
+            convert_in_worker, item, what=source.location,
+            timeout=self.module_timeout(size), memory_limit=self.memory_limit,
+            quiet=False)  # The child silences its own stderr (item.quiet).
+      except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
+              errors.ResourceLimitError) as e:
+        raise staging.settled(e, source.destination, before,
+                              verified=self.options.verify) from None
       if result.get("source_sha256"):
         outcome.source_sha256 = result["source_sha256"]
       if result.get("skipped"):
@@ -949,7 +978,7 @@ class BatchRunner:
     except errors.MigrationError as e:
       outcome.status = STATUS_FAILED
       outcome.exit_code = int(e.exit_code)
-      outcome.error = self._rewrite_paths(errors.first_line(e, limit=None),
+      outcome.error = self._rewrite_paths(_one_line(e),
                                           source, scratch)
       report_json = getattr(e, "report_json", "")
       if report_json:
@@ -959,8 +988,9 @@ class BatchRunner:
     except OSError as e:  # Creating DST's parent or the scratch directory.
       outcome.status = STATUS_FAILED
       outcome.exit_code = int(errors.ExitCode.OUTPUT)
-      outcome.error = (f"{source.destination}: expected a writable output "
-                       f"directory, found {type(e).__name__}: {e}")
+      outcome.error = errors.printable(
+          f"{source.destination}: expected a writable output directory, found "
+          f"{type(e).__name__}: {e}")
     finally:
       if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -988,11 +1018,16 @@ class BatchRunner:
     def one(source: Source):
       if source.kind == KIND_URL:
         return None, 0, None
-      if not os.path.exists(source.location):
+      if not os.path.lexists(source.location):
         return None, 0, errors.InputNotFoundError(
             f"{source.location}: no such file or directory")
       try:
-        return source_sha256(source.location, source.kind), _source_size(source), None
+        if source.root:
+          fileutil.check_within(source.location, source.root)
+        size = _source_size(source)  # Checks every entry before any is opened.
+        return source_sha256(source.location, source.kind), size, None
+      except errors.MigrationError as e:
+        return None, 0, e
       except OSError as e:
         return None, 0, errors.InputNotFoundError(
             f"{source.location}: expected a readable module, found "
@@ -1007,7 +1042,7 @@ class BatchRunner:
             source=source.location, destination=source.destination,
             kind=source.kind, status=STATUS_FAILED,
             exit_code=int(error.exit_code),
-            error=errors.first_line(error, limit=None),
+            error=_one_line(error),
             finished_at=now_iso())
         self.record(source, outcomes[i])
         continue
@@ -1037,10 +1072,13 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
               on_progress: Optional[Callable[[Progress], None]] = None,
               quiet: bool = True,
               threads_per_worker: Optional[int] = None,
-              max_archive_bytes: int = MAX_ARCHIVE_BYTES) -> BatchReport:
+              max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+              memory_limit: Optional[int] = None) -> BatchReport:
   """Converts and verifies every source, `jobs` at a time; returns the report.
 
-  Each module runs in its own spawned process (`timeout` seconds at most).
+  Each module runs in its own spawned process (`timeout` seconds at most;
+  None: `preflight.default_timeout` of the module's size; 0: no limit), with
+  at most `memory_limit` bytes of data (see `isolation.run_isolated`).
   Modules recorded in DST_ROOT's state as converted from the same content
   with the same options, whose DST exists, are skipped. A failure of one
   module never stops the others; `BatchReport.exit_code` is 10 if any failed.
@@ -1064,7 +1102,7 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   batch = BatchRunner(dst_root, jobs=jobs, timeout=timeout, options=options,
                  on_progress=on_progress, quiet=quiet,
                  threads_per_worker=threads_per_worker,
-                 max_archive_bytes=max_archive_bytes)
+                 max_archive_bytes=max_archive_bytes, memory_limit=memory_limit)
   try:
     clean_stale_files(dst_root, [s.destination for s in sources])
     outcomes, todo = batch.plan(sources)
@@ -1077,8 +1115,8 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
         max_workers=jobs, thread_name_prefix="migrate-batch")
     futures: dict[concurrent.futures.Future, int] = {}
     try:
-      for i, source, sha, _ in todo:
-        futures[executor.submit(batch.process, source, sha)] = i
+      for i, source, sha, size in todo:
+        futures[executor.submit(batch.process, source, sha, size)] = i
       pending = set(futures)
       while pending:
         finished, pending = concurrent.futures.wait(
@@ -1100,6 +1138,9 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
         _kill_workers()
         _, still = concurrent.futures.wait(running, timeout=0.2)
         running = list(still)
+      # The killed workers' staging directories go now, not at the next run.
+      for _, source, _, _ in todo:
+        staging.clean_stale(source.destination)
       raise
     finally:
       executor.shutdown(wait=True, cancel_futures=True)
