@@ -838,14 +838,6 @@ def verify_new_that_writes_a_file(root):
   return c
 
 
-@case
-def verify_new_that_is_not_a_converted_model(root):
-  src = _copy(root)
-  new = bi.make_tf2_saved_model(os.path.join(root, "tf2"))
-  return Case(["verify", src, new], ExitCode.NOT_A_HUB_MODULE,
-              [new, "expected a converted SavedModel", "found"], src=src)
-
-
 # ---- Issue #14: SRC read as regular files inside it ------------------------
 
 @case
