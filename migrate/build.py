@@ -25,6 +25,7 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
 from migrate import errors
 from migrate import graph_rewrite
@@ -158,6 +159,47 @@ def _tensor_key(ref: str) -> str:
   return ref if ":" in ref else ref + ":0"
 
 
+_GRADIENT_NAMES = itertools.count()
+
+
+def has_gradient(op_type: str) -> bool:
+  """Whether TensorFlow registers a (non-None) gradient under this name."""
+  try:
+    return tf_ops.gradient_registry.lookup(op_type) is not None
+  except LookupError:
+    return False
+
+
+def _unused_gradient_name() -> str:
+  while True:
+    name = f"MigrateLibraryGradient-{next(_GRADIENT_NAMES)}"
+    try:
+      tf_ops.gradient_registry.lookup(name)
+    except LookupError:
+      return name
+
+
+def _library_gradient(grad_function, wrapper: tf.Operation, num_results: int):
+  """The gradient of an IdentityN added by `graph_rewrite.repair_gradients`.
+
+  Like the function `tf.custom_gradient` registers: it reads the forward
+  tensors from the graph it was made in (not from `op`, which
+  `tf.saved_model.save` passes as None when it saves the gradient), and calls
+  the library gradient function on (arguments..., result gradients...).
+  """
+  results = list(wrapper.inputs[:num_results])
+  arguments = list(wrapper.inputs[num_results:])
+
+  def gradient(unused_op, *grads):
+    dys = [g if g is not None else tf.zeros_like(r)
+           for g, r in zip(grads[:num_results], results)]
+    dxs = grad_function(*arguments, *dys)
+    dxs = list(dxs) if isinstance(dxs, (list, tuple)) else [dxs]
+    return [None] * num_results + dxs
+
+  return gradient
+
+
 class _GraphIndex:
   """One MetaGraph's GraphDef, indexed once, cut into functions on demand.
 
@@ -219,6 +261,18 @@ class _GraphIndex:
     stop = {_ref_name(n) for n in feed_names} | self.handles | asset_nodes
     roots = [_ref_name(t) for t in fetches] + [_ref_name(o) for o in ops]
     sub, used = self._subgraph(roots, stop)
+    # (wrapper node, library gradient function, registered name, number of results)
+    library_gradients = []
+    for node in sub.node:
+      if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
+        name = _unused_gradient_name()
+        results = sum(1 for ref in node.input if _ref_name(ref) ==
+                      node.name + graph_rewrite.LIBRARY_FORWARD_SUFFIX)
+        library_gradients.append(
+            (node.name, node.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR].s.decode(),
+             name, results))
+        del node.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR]
+        node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
     missing = sorted({_ref_name(k) for k in used} & self.handles - set(self.variables))
     if missing:
       raise errors.CorruptModuleError(
@@ -240,7 +294,12 @@ class _GraphIndex:
       results = tf.compat.v1.import_graph_def(
           sub, input_map=input_map, name="",
           return_elements=[_tensor_key(t) for t in fetches] +
-          [_ref_name(o) for o in ops])
+          [_ref_name(o) for o in ops] + [w[0] for w in library_gradients])
+      wrappers = results[len(fetches) + len(ops):]
+      for (_, grad_name, name, count), wrapper in zip(library_gradients, wrappers):
+        tf.RegisterGradient(name)(_library_gradient(
+            graph._get_function(grad_name), wrapper, count))  # pylint: disable=protected-access
+      results = results[:len(fetches) + len(ops)]
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:
         with tf.control_dependencies(updates):
@@ -253,6 +312,28 @@ class _GraphIndex:
       raise errors.CorruptModuleError(
           f"{self.where}: expected an importable graph, found "
           f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _gradient_notes(repairs: Sequence[graph_rewrite.GradientRepairs]) -> list[str]:
+  notes = []
+  library = max((len(r.library) for r in repairs), default=0)
+  if library:
+    functions = sorted({f"{f} (gradient {g})" for r in repairs
+                        for f, g in r.functions.items()})
+    notes.append(
+        f"{library} calls of library functions are differentiated by the gradient "
+        f"functions the module's function library registers for them, as in TF1: "
+        f"{', '.join(functions)}.")
+  forward = max((len(r.forward) for r in repairs), default=0)
+  if forward:
+    notes.append(
+        f"{forward} custom gradients were lost before conversion: the module's "
+        f"IdentityN ops name Python gradient functions (tf.custom_gradient, e.g. "
+        f"TF 2.x's tf.nn.swish) that hub.Module's export did not save, so not even "
+        f"hub.Module could differentiate them. The converted model differentiates "
+        f"the forward computation instead (for swish: the same values as its "
+        f"custom gradient).")
+  return notes
 
 
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
@@ -345,6 +426,11 @@ def build(module: legacy_format.LegacyModule,
   if rewritten:
     notes.append(f"{rewritten} reference variables (VariableV2) were rewritten "
                  f"to resource variables, their update ops included.")
+  repairs = {}
+  for tags in list(graph_defs):
+    graph_defs[tags], repairs[tags] = graph_rewrite.repair_gradients(
+        graph_defs[tags], has_gradient, f"{module.path} (tags {sorted(tags)})")
+  notes.extend(_gradient_notes(repairs.values()))
 
   # The train graph: the chosen output, maybe without its output dropout.
   removed = kept = None
