@@ -179,14 +179,22 @@ def _unused_gradient_name() -> str:
       return name
 
 
-def _library_gradient(grad_function, wrapper: tf.Operation, num_results: int):
+def library_gradient(wrapper: tf.Operation) -> Callable:
   """The gradient of an IdentityN added by `graph_rewrite.repair_gradients`.
 
-  Like the function `tf.custom_gradient` registers: it reads the forward
-  tensors from the graph it was made in (not from `op`, which
-  `tf.saved_model.save` passes as None when it saves the gradient), and calls
-  the library gradient function on (arguments..., result gradients...).
+  Made from the op alone (its inputs and `LIBRARY_GRADIENT_ATTR`), in the graph
+  it is in, also a copy of a loaded function: the gradient saved with the
+  model reads the forward tensors of the function it was saved from, so a copy
+  (verification inlines the training function to feed its random ops) needs
+  this one. Like what `tf.custom_gradient` registers, it ignores its `op`
+  argument (`tf.saved_model.save` passes None when it saves the gradient) and
+  calls the library gradient function on (arguments..., result gradients...).
   """
+  attr = wrapper.get_attr(graph_rewrite.LIBRARY_GRADIENT_ATTR)
+  grad_function = wrapper.graph._get_function(attr.name)  # pylint: disable=protected-access
+  if grad_function is None:
+    raise ValueError(f"{wrapper.name}: the graph has no function '{attr.name}'")
+  num_results = attr.attr["num_results"].i
   results = list(wrapper.inputs[:num_results])
   arguments = list(wrapper.inputs[num_results:])
 
@@ -261,17 +269,12 @@ class _GraphIndex:
     stop = {_ref_name(n) for n in feed_names} | self.handles | asset_nodes
     roots = [_ref_name(t) for t in fetches] + [_ref_name(o) for o in ops]
     sub, used = self._subgraph(roots, stop)
-    # (wrapper node, library gradient function, registered name, number of results)
+    # (IdentityN node, the name its gradient is registered under)
     library_gradients = []
     for node in sub.node:
       if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
         name = _unused_gradient_name()
-        results = sum(1 for ref in node.input if _ref_name(ref) ==
-                      node.name + graph_rewrite.LIBRARY_FORWARD_SUFFIX)
-        library_gradients.append(
-            (node.name, node.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR].s.decode(),
-             name, results))
-        del node.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR]
+        library_gradients.append((node.name, name))
         node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
     missing = sorted({_ref_name(k) for k in used} & self.handles - set(self.variables))
     if missing:
@@ -296,9 +299,8 @@ class _GraphIndex:
           return_elements=[_tensor_key(t) for t in fetches] +
           [_ref_name(o) for o in ops] + [w[0] for w in library_gradients])
       wrappers = results[len(fetches) + len(ops):]
-      for (_, grad_name, name, count), wrapper in zip(library_gradients, wrappers):
-        tf.RegisterGradient(name)(_library_gradient(
-            graph._get_function(grad_name), wrapper, count))  # pylint: disable=protected-access
+      for (_, name), wrapper in zip(library_gradients, wrappers):
+        tf.RegisterGradient(name)(library_gradient(wrapper))
       results = results[:len(fetches) + len(ops)]
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:

@@ -269,8 +269,11 @@ def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
 # -- gradients --------------------------------------------------------------
 
 GRADIENT_OP_TYPE_ATTR = "_gradient_op_type"
-# On an IdentityN added by `repair_gradients`: the name of the library function
-# that computes the gradient of the function call feeding it.
+# On an IdentityN added by `repair_gradients`, a function attribute: the library
+# function that computes the gradient of the call feeding it, with attr
+# `num_results` (how many leading inputs are the call's results; the others
+# are its arguments). A function attribute, so that loading a SavedModel renames
+# it along with the function: the op alone says how to differentiate it.
 LIBRARY_GRADIENT_ATTR = "_migrate_library_gradient"
 LIBRARY_FORWARD_SUFFIX = "/migrate_forward"
 # What tf.custom_gradient names the gradient of its IdentityN (custom_gradient.generate_name).
@@ -418,7 +421,8 @@ def repair_gradients(graph_def: graph_pb2.GraphDef,
     wrapper.input.extend([f"{forward}:{i}" for i in range(len(out_types))] +
                          _data_inputs(call))
     wrapper.attr["T"].list.type.extend(out_types + in_types)
-    wrapper.attr[LIBRARY_GRADIENT_ATTR].s = library_gradients[call.op].encode()
+    wrapper.attr[LIBRARY_GRADIENT_ATTR].func.name = library_gradients[call.op]
+    wrapper.attr[LIBRARY_GRADIENT_ATTR].func.attr["num_results"].i = len(out_types)
     if call.device:
       wrapper.device = call.device
     used_functions[call.op] = library_gradients[call.op]

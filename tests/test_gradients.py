@@ -148,7 +148,8 @@ def test_repair_gradients_rewrites_each_swish(name, library, forward):
     for name_ in repairs.library:
       wrapper, call = nodes[name_], nodes[name_ + graph_rewrite.LIBRARY_FORWARD_SUFFIX]
       assert wrapper.op == "IdentityN" and call.op == "swish_f32"
-      assert wrapper.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR].s == b"swish_grad_f32f32"
+      gradient = wrapper.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR].func
+      assert (gradient.name, gradient.attr["num_results"].i) == ("swish_grad_f32f32", 1)
       assert list(wrapper.input) == [call.name + ":0", call.input[0]]
     for name_ in repairs.forward:
       assert graph_rewrite.GRADIENT_OP_TYPE_ATTR not in nodes[name_].attr
@@ -174,3 +175,19 @@ def test_gradient_override_that_tensorflow_knows_is_kept():
   with pytest.raises(errors.UnsupportedModuleError,
                      match=r"node 'ste' \(op Round\) has the gradient 'NotRegisteredAnywhere'"):
     graph_rewrite.repair_gradients(graph.as_graph_def(), build.has_gradient, "test")
+
+
+def test_saved_wrappers_still_say_which_gradient_they_need(convert_cached):
+  """After loading, each IdentityN still names its (renamed) library gradient, so
+  that a copy of a saved function can be differentiated (`build.library_gradient`):
+  the saved gradient itself only works inside the function it was saved from."""
+  obj = tf.saved_model.load(convert_cached(DEFUN))
+  graph_def = obj.__call__.get_concrete_function(
+      tf.TensorSpec([None, 32, 32, 3], tf.float32), True).graph.as_graph_def()
+  functions = {f.signature.name for f in graph_def.library.function}
+  marked = [n.attr[graph_rewrite.LIBRARY_GRADIENT_ATTR].func
+            for f in graph_def.library.function for n in f.node_def
+            if graph_rewrite.LIBRARY_GRADIENT_ATTR in n.attr]
+  assert len(marked) == 7  # Each swish of the training function.
+  assert all(m.name in functions and "swish_grad_f32f32" in m.name and
+             m.attr["num_results"].i == 1 for m in marked)
