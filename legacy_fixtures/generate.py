@@ -456,8 +456,9 @@ def _build_full(name, case, is_training):
             conv_defs=fixture_nets.MOBILENET_V1_DEFS, first_depth=32, dropout_keep_prob=0.999)
     elif name == "inception_resnet_v2":
         momentum = _momentum_input()
+        # Without slim's auxiliary head (3.4M parameters), as the published 55.8M count.
         logits, end_points = fixture_nets.inception_resnet_v2(
-            images, 1001, is_training, batch_norm_decay=momentum)
+            images, 1001, is_training, batch_norm_decay=momentum, create_aux_logits=False)
         # As slim's PreLogitsFlatten: AFTER the dropout (like inception_v3's PreLogits).
         features = end_points["PreLogitsFlatten"]
     elif name == "nasnet_mobile":
