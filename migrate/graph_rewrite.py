@@ -345,14 +345,17 @@ def _forward_differentiable(node, nodes, consumers, has_gradient) -> Optional[st
 
 def repair_gradients(graph_def: graph_pb2.GraphDef,
                      has_gradient: Callable[[str], bool],
-                     where: str) -> tuple[graph_pb2.GraphDef, GradientRepairs]:
+                     where: str, *, wrap_library_calls: bool = True
+                     ) -> tuple[graph_pb2.GraphDef, GradientRepairs]:
   """Makes every gradient the graph names available to a TF2 SavedModel.
 
   `has_gradient(op_type)` says whether TensorFlow registers a gradient for an
   op type (or gradient name). Raises `UnsupportedModuleError` naming the node
   when a gradient is lost and cannot be repaired: an override naming a Python
   gradient function that is not TensorFlow's, or a lost custom gradient whose
-  forward computation has no gradient either.
+  forward computation has no gradient either. `wrap_library_calls=False`
+  leaves calls with a library gradient alone (a TF1 Session differentiates
+  them with it: `SymbolicGradient`).
   """
   library_gradients = {g.function_name: g.gradient_func for g in graph_def.library.gradient}
   functions = {f.signature.name: f for f in graph_def.library.function}
@@ -386,7 +389,7 @@ def repair_gradients(graph_def: graph_pb2.GraphDef,
             f"{where}: node '{node.name}' (op {node.op}) has the gradient "
             f"'{grad}', a Python function the module does not contain; cannot "
             f"convert")
-    elif node.op in library_gradients:
+    elif node.op in library_gradients and wrap_library_calls:
       library.append(node.name)
   if not custom and not library:
     return graph_def, GradientRepairs()

@@ -191,3 +191,22 @@ def test_saved_wrappers_still_say_which_gradient_they_need(convert_cached):
   assert len(marked) == 7  # Each swish of the training function.
   assert all(m.name in functions and "swish_grad_f32f32" in m.name and
              m.attr["num_results"].i == 1 for m in marked)
+
+
+def test_a_tf1_session_can_use_the_repair_for_lost_gradients_alone():
+  """With wrap_library_calls=False (a Session needs no wrapper for library gradients),
+  only lost custom gradients are dropped: the TF1 graph then differentiates."""
+  module = legacy_format.read_module(module_path(TF2))
+  graph_def, repairs = graph_rewrite.repair_gradients(
+      module.train.graph_def, build.has_gradient, "test", wrap_library_calls=False)
+  assert len(repairs.forward) == 7
+  defun = legacy_format.read_module(module_path(DEFUN)).train.graph_def
+  assert graph_rewrite.repair_gradients(defun, build.has_gradient, "test",
+                                        wrap_library_calls=False)[1].library == ()
+  with tf.Graph().as_default():
+    tf.compat.v1.import_graph_def(graph_def, name="")
+    graph = tf.compat.v1.get_default_graph()
+    out = graph.get_tensor_by_name(
+        module.train.signatures["image_classification"].outputs["default"].tensor_name)
+    weights = [op.outputs[0] for op in graph.get_operations() if op.type == "VarHandleOp"]
+    assert all(g is not None for g in tf.gradients(tf.reduce_sum(out), weights)[:3])
