@@ -1025,21 +1025,40 @@ class BatchRunner:
 
 
 # -- memory ----------------------------------------------------------------------
-# Peak RSS of one module's whole process tree (worker + reference child), converted
-# and verified, is about PEAK_BASE_BYTES + PEAK_PER_MODULE_BYTE x the module's size
-# on disk (its checkpoint, mostly): measured with tools/memory.py on the full-size
-# families (README, Performance). A URL's size is unknown before it is downloaded.
-PEAK_BASE_BYTES = 1536 << 20
-PEAK_PER_MODULE_BYTE = 24
+# Peak RSS of one module's whole process tree (worker and reference child),
+# converted and verified, measured with tools/memory.py on the full-size families
+# (README, Performance): at most PEAK_BASE_BYTES + PEAK_PER_VARIABLE_BYTE x the
+# checkpoint + PEAK_PER_GRAPH_BYTE x saved_model.pb (NASNet's 8 MB graph costs
+# more than Inception-v3's 91 MB of variables). For an archive the graph's share
+# is unknown: up to UNKNOWN_GRAPH_BYTES of it is counted as graph; a URL's size
+# is unknown before it is downloaded.
+PEAK_BASE_BYTES = 1600 << 20
+PEAK_PER_VARIABLE_BYTE = 15
+PEAK_PER_GRAPH_BYTE = 300
+UNKNOWN_GRAPH_BYTES = 8 << 20
 UNKNOWN_SIZE_BYTES = 256 << 20
 # Left free for the batch process itself, the page cache and everyone else.
 MEMORY_RESERVE_BYTES = 1 << 30
 AVAILABLE_MEMORY = -1  # run_batch's default budget: MemAvailable at the start.
 
 
-def estimated_peak_bytes(module_bytes: int) -> int:
-  """The estimated peak memory of converting and verifying one module."""
-  return PEAK_BASE_BYTES + PEAK_PER_MODULE_BYTE * (module_bytes or UNKNOWN_SIZE_BYTES)
+def estimated_peak_bytes(module_bytes: int, graph_bytes: Optional[int] = None) -> int:
+  """The estimated peak memory of converting and verifying one module of
+  `module_bytes` (0: unknown) whose saved_model.pb has `graph_bytes`."""
+  module_bytes = module_bytes or UNKNOWN_SIZE_BYTES
+  if graph_bytes is None:
+    graph_bytes = min(module_bytes, UNKNOWN_GRAPH_BYTES)
+  return (PEAK_BASE_BYTES + PEAK_PER_GRAPH_BYTE * graph_bytes +
+          PEAK_PER_VARIABLE_BYTE * max(0, module_bytes - graph_bytes))
+
+
+def _graph_bytes(source: Source) -> Optional[int]:
+  if source.kind != KIND_DIRECTORY:
+    return None
+  try:
+    return os.path.getsize(os.path.join(source.location, SAVED_MODEL_FILENAME))
+  except OSError:
+    return None
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -1152,7 +1171,8 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
     futures: dict[concurrent.futures.Future, int] = {}
     try:
       for i, source, sha, size in todo:
-        need = estimated_peak_bytes(size if source.kind != KIND_URL else 0)
+        need = estimated_peak_bytes(size if source.kind != KIND_URL else 0,
+                                    _graph_bytes(source))
         futures[executor.submit(gate.run, need, batch.cancelled, batch.process,
                                 source, sha)] = i
       pending = set(futures)

@@ -512,8 +512,12 @@ def test_memory_gate_starts_only_what_fits(tmp_path):
   """Workers are held back while the estimated peaks of those running exceed the
   budget; one always runs; waiting ones give up when the batch is cancelled."""
   del tmp_path
-  need = batch.estimated_peak_bytes(100 << 20)
-  assert need > batch.estimated_peak_bytes(10 << 20) > batch.PEAK_BASE_BYTES
+  need = batch.estimated_peak_bytes(100 << 20, 2 << 20)
+  assert need > batch.estimated_peak_bytes(10 << 20, 2 << 20) > batch.PEAK_BASE_BYTES
+  # The graph weighs more than the variables; unknown, as if it were UNKNOWN_GRAPH_BYTES.
+  assert batch.estimated_peak_bytes(30 << 20, 8 << 20) > need
+  assert batch.estimated_peak_bytes(100 << 20) == batch.estimated_peak_bytes(
+      100 << 20, batch.UNKNOWN_GRAPH_BYTES)
   assert batch.estimated_peak_bytes(0) == batch.estimated_peak_bytes(batch.UNKNOWN_SIZE_BYTES)
   for budget, most in ((need, 1), (2 * need, 2), (need // 2, 1), (None, 4)):
     gate = batch.MemoryGate(budget)
