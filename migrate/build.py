@@ -11,6 +11,12 @@ same variables. `prune` then cuts one function per graph variant:
   updates of reference-variable graphs rewritten to resource ops);
 - regularization losses: all REGULARIZATION_LOSSES tensors.
 
+Gradients: each graph first goes through `graph_rewrite.repair_gradients`;
+every IdentityN it puts after a call with a library gradient gets, at import,
+a gradient of its own (`library_gradient`, registered like what
+`tf.custom_gradient` registers), which `tf.saved_model.save` saves with the
+model.
+
 The root object implements the Reusable SavedModel API:
 `__call__(images, training=False, **hparams)`, `variables`,
 `trainable_variables`, `regularization_losses`, plus `metadata`.
