@@ -910,10 +910,13 @@ def record_goldens(case, path):
                 if unseeded:
                     # Their draws come from OS entropy: feed seeded values instead, as both
                     # sides of a parity check can (train_random/ holds them).
+                    # Seeded by the op's name in the module, not the signature's: every
+                    # signature's application draws the same values, so the moving averages
+                    # (recorded for `default`) go with any signature's train_random/.
                     drawn = sess.run([op.outputs[0] for op in unseeded], feed)
                     for op, value in zip(unseeded, drawn):
                         feed[op.outputs[0]] = _seeded_draw(
-                            op, value, _seed_for(case.name, "random/%s/%s" % (s, op.name)))
+                            op, value, _seed_for(case.name, "random/" + op.name[len(scope):]))
                     meta.setdefault("unseeded_random_ops", {})[s] = sorted(
                         op.name[len(scope):] for op in unseeded)
                 res = sess.run(fetch, feed)
