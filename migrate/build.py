@@ -168,14 +168,6 @@ def _tensor_key(ref: str) -> str:
 _GRADIENT_NAMES = itertools.count()
 
 
-def has_gradient(op_type: str) -> bool:
-  """Whether TensorFlow registers a (non-None) gradient under this name."""
-  try:
-    return tf_ops.gradient_registry.lookup(op_type) is not None
-  except LookupError:
-    return False
-
-
 def _unused_gradient_name() -> str:
   while True:
     name = f"MigrateLibraryGradient-{next(_GRADIENT_NAMES)}"
@@ -437,7 +429,8 @@ def build(module: legacy_format.LegacyModule,
   repairs = {}
   for tags in list(graph_defs):
     graph_defs[tags], repairs[tags] = graph_rewrite.repair_gradients(
-        graph_defs[tags], has_gradient, f"{module.path} (tags {sorted(tags)})")
+        graph_defs[tags], graph_rewrite.has_gradient,
+        f"{module.path} (tags {sorted(tags)})")
   notes.extend(_gradient_notes(repairs.values()))
 
   # The train graph: the chosen output, maybe without its output dropout.

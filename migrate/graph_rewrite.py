@@ -29,6 +29,7 @@ from typing import Callable, Optional
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.core.framework import types_pb2
+from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
 from migrate import errors
 
@@ -284,6 +285,15 @@ _ZERO_GRADIENT_OPS = frozenset({
     "Round", "Floor", "Ceil", "Rint", "Sign", "ArgMax", "ArgMin", "Equal",
     "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "Shape",
     "Size", "Rank", "ZerosLike", "OnesLike", "StopGradient", "PreventGradient"})
+
+
+def has_gradient(op_type: str) -> bool:
+  """Whether this process's TensorFlow registers a (non-None) gradient under this
+  name (an op type, or a `_gradient_op_type`)."""
+  try:
+    return tf_ops.gradient_registry.lookup(op_type) is not None
+  except LookupError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,6 @@ import tensorflow_hub as hub
 import tf_keras
 from tensorflow.core.protobuf import saved_model_pb2
 
-from migrate import build
 from migrate import errors
 from migrate import graph_rewrite
 from migrate import legacy_format
@@ -142,7 +141,7 @@ def test_repair_gradients_rewrites_each_swish(name, library, forward):
   module = legacy_format.read_module(module_path(name))
   for variant in module.variants.values():
     graph_def, repairs = graph_rewrite.repair_gradients(
-        variant.graph_def, build.has_gradient, "test")
+        variant.graph_def, graph_rewrite.has_gradient, "test")
     assert (len(repairs.library), len(repairs.forward)) == (library, forward)
     nodes = {n.name: n for n in graph_def.node}
     for name_ in repairs.library:
@@ -166,7 +165,7 @@ def test_gradient_override_that_tensorflow_knows_is_kept():
     with graph.gradient_override_map({"Round": "Identity"}):  # A straight-through estimator.
       tf.round(x, name="ste")
   graph_def, repairs = graph_rewrite.repair_gradients(
-      graph.as_graph_def(), build.has_gradient, "test")
+      graph.as_graph_def(), graph_rewrite.has_gradient, "test")
   assert not repairs
   assert {n.name: n for n in graph_def.node}["ste"].attr["_gradient_op_type"].s == b"Identity"
   with graph.as_default():
@@ -174,7 +173,7 @@ def test_gradient_override_that_tensorflow_knows_is_kept():
         "_gradient_op_type", tf.compat.v1.AttrValue(s=b"NotRegisteredAnywhere"))
   with pytest.raises(errors.UnsupportedModuleError,
                      match=r"node 'ste' \(op Round\) has the gradient 'NotRegisteredAnywhere'"):
-    graph_rewrite.repair_gradients(graph.as_graph_def(), build.has_gradient, "test")
+    graph_rewrite.repair_gradients(graph.as_graph_def(), graph_rewrite.has_gradient, "test")
 
 
 def test_saved_wrappers_still_say_which_gradient_they_need(convert_cached):
@@ -198,10 +197,10 @@ def test_a_tf1_session_can_use_the_repair_for_lost_gradients_alone():
   only lost custom gradients are dropped: the TF1 graph then differentiates."""
   module = legacy_format.read_module(module_path(TF2))
   graph_def, repairs = graph_rewrite.repair_gradients(
-      module.train.graph_def, build.has_gradient, "test", wrap_library_calls=False)
+      module.train.graph_def, graph_rewrite.has_gradient, "test", wrap_library_calls=False)
   assert len(repairs.forward) == 7
   defun = legacy_format.read_module(module_path(DEFUN)).train.graph_def
-  assert graph_rewrite.repair_gradients(defun, build.has_gradient, "test",
+  assert graph_rewrite.repair_gradients(defun, graph_rewrite.has_gradient, "test",
                                         wrap_library_calls=False)[1].library == ()
   with tf.Graph().as_default():
     tf.compat.v1.import_graph_def(graph_def, name="")
