@@ -1056,6 +1056,87 @@ class BatchRunner:
     return outcomes, todo
 
 
+# -- memory ----------------------------------------------------------------------
+# Peak RSS of one module's whole process tree (worker and reference child),
+# converted and verified, measured with tools/memory.py on the full-size families
+# (README, Performance): at most PEAK_BASE_BYTES + PEAK_PER_VARIABLE_BYTE x the
+# checkpoint + PEAK_PER_GRAPH_BYTE x saved_model.pb (NASNet's 8 MB graph costs
+# more than Inception-v3's 91 MB of variables). For an archive the graph's share
+# is unknown: up to UNKNOWN_GRAPH_BYTES of it is counted as graph; a URL's size
+# is unknown before it is downloaded.
+PEAK_BASE_BYTES = 1600 << 20
+PEAK_PER_VARIABLE_BYTE = 15
+PEAK_PER_GRAPH_BYTE = 300
+UNKNOWN_GRAPH_BYTES = 8 << 20
+UNKNOWN_SIZE_BYTES = 256 << 20
+# Left free for the batch process itself, the page cache and everyone else.
+MEMORY_RESERVE_BYTES = 1 << 30
+AVAILABLE_MEMORY = -1  # run_batch's default budget: MemAvailable at the start.
+
+
+def estimated_peak_bytes(module_bytes: int, graph_bytes: Optional[int] = None) -> int:
+  """The estimated peak memory of converting and verifying one module of
+  `module_bytes` (0: unknown) whose saved_model.pb has `graph_bytes`."""
+  module_bytes = module_bytes or UNKNOWN_SIZE_BYTES
+  if graph_bytes is None:
+    graph_bytes = min(module_bytes, UNKNOWN_GRAPH_BYTES)
+  return (PEAK_BASE_BYTES + PEAK_PER_GRAPH_BYTE * graph_bytes +
+          PEAK_PER_VARIABLE_BYTE * max(0, module_bytes - graph_bytes))
+
+
+def _graph_bytes(source: Source) -> Optional[int]:
+  if source.kind != KIND_DIRECTORY:
+    return None
+  try:
+    return os.path.getsize(os.path.join(source.location, SAVED_MODEL_FILENAME))
+  except OSError:
+    return None
+
+
+def available_memory_bytes() -> Optional[int]:
+  """MemAvailable of /proc/meminfo (None where there is none)."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+class MemoryGate:
+  """Starts a module's worker only while the estimated peaks of the workers
+  running fit in `budget` bytes; one worker may always run (a module bigger
+  than the budget runs alone). `budget` None: no limit."""
+
+  def __init__(self, budget: Optional[int]):
+    self.budget = budget
+    self.in_use = 0
+    self.running = 0
+    self.most_running = 0
+    self._cond = threading.Condition()
+
+  def run(self, need: int, cancelled: threading.Event, fn: Callable, *args):
+    """`fn(*args)` once `need` bytes fit (None if cancelled while waiting)."""
+    with self._cond:
+      while (self.budget is not None and self.running and
+             self.in_use + need > self.budget):
+        if cancelled.is_set():
+          return None
+        self._cond.wait(timeout=0.5)
+      self.in_use += need
+      self.running += 1
+      self.most_running = max(self.most_running, self.running)
+    try:
+      return fn(*args)
+    finally:
+      with self._cond:
+        self.in_use -= need
+        self.running -= 1
+        self._cond.notify_all()
+
+
 def _kill_workers() -> None:
   """Kills this process's worker processes (our own children, by pid)."""
   for child in multiprocessing.active_children():
@@ -1073,7 +1154,8 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
               quiet: bool = True,
               threads_per_worker: Optional[int] = None,
               max_archive_bytes: int = MAX_ARCHIVE_BYTES,
-              memory_limit: Optional[int] = None) -> BatchReport:
+              memory_limit: Optional[int] = None,
+              memory_budget: Optional[int] = AVAILABLE_MEMORY) -> BatchReport:
   """Converts and verifies every source, `jobs` at a time; returns the report.
 
   Each module runs in its own spawned process (`timeout` seconds at most;
@@ -1086,6 +1168,9 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   removed by the next run) and the exception propagates.
   `threads_per_worker` (default: cores // jobs) caps TensorFlow's thread
   pools in each worker so that `jobs` workers do not oversubscribe the CPU.
+  `memory_budget` (bytes; default: MemAvailable at the start less
+  MEMORY_RESERVE_BYTES; None: no limit) holds workers back while the
+  estimated peaks of those running (`estimated_peak_bytes`) would exceed it.
   """
   options = options or ConvertOptions()
   jobs = max(1, jobs or default_jobs())
@@ -1111,12 +1196,20 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
     batch.total = len(todo) + failed
     batch.done = batch.failed = failed
     batch.emit("planned")
+    if memory_budget == AVAILABLE_MEMORY:
+      available = available_memory_bytes()
+      memory_budget = (None if available is None
+                       else max(0, available - MEMORY_RESERVE_BYTES))
+    gate = MemoryGate(memory_budget)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=jobs, thread_name_prefix="migrate-batch")
     futures: dict[concurrent.futures.Future, int] = {}
     try:
       for i, source, sha, size in todo:
-        futures[executor.submit(batch.process, source, sha, size)] = i
+        need = estimated_peak_bytes(size if source.kind != KIND_URL else 0,
+                                    _graph_bytes(source))
+        futures[executor.submit(gate.run, need, batch.cancelled, batch.process,
+                                source, sha, size)] = i
       pending = set(futures)
       while pending:
         finished, pending = concurrent.futures.wait(

@@ -11,6 +11,12 @@ same variables. `prune` then cuts one function per graph variant:
   updates of reference-variable graphs rewritten to resource ops);
 - regularization losses: all REGULARIZATION_LOSSES tensors.
 
+Gradients: each graph first goes through `graph_rewrite.repair_gradients`;
+every IdentityN it puts after a call with a library gradient gets, at import,
+a gradient of its own (`library_gradient`, registered like what
+`tf.custom_gradient` registers), which `tf.saved_model.save` saves with the
+model.
+
 The root object implements the Reusable SavedModel API:
 `__call__(images, training=False, **hparams)`, `variables`,
 `trainable_variables` (those `__call__`'s training computation reaches with
@@ -27,7 +33,7 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
-from tensorflow.python.framework import ops  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
 import migrate
 from migrate import errors
@@ -44,7 +50,7 @@ SERVE_ENDPOINT = "serve"
 TRAINING_ENDPOINT = "call_training"
 # TensorFlow's registry of gradient functions (`ops.NotDifferentiable` puts
 # None there); read to know which variables a gradient reaches.
-_GRADIENT_REGISTRY = ops._gradient_registry  # pylint: disable=protected-access
+_GRADIENT_REGISTRY = tf_ops.gradient_registry
 
 
 class MigratedModel(tf.__internal__.tracking.AutoTrackable):
@@ -182,6 +188,47 @@ def _assets(module: legacy_format.LegacyModule) -> dict[str, tf.saved_model.Asse
   return result
 
 
+_GRADIENT_NAMES = itertools.count()
+
+
+def _unused_gradient_name() -> str:
+  while True:
+    name = f"MigrateLibraryGradient-{next(_GRADIENT_NAMES)}"
+    try:
+      tf_ops.gradient_registry.lookup(name)
+    except LookupError:
+      return name
+
+
+def library_gradient(wrapper: tf.Operation) -> Callable:
+  """The gradient of an IdentityN added by `graph_rewrite.repair_gradients`.
+
+  Made from the op alone (its inputs and `LIBRARY_GRADIENT_ATTR`), in the graph
+  it is in, also a copy of a loaded function: the gradient saved with the
+  model reads the forward tensors of the function it was saved from, so a copy
+  (verification inlines the training function to feed its random ops) needs
+  this one. Like what `tf.custom_gradient` registers, it ignores its `op`
+  argument (`tf.saved_model.save` passes None when it saves the gradient) and
+  calls the library gradient function on (arguments..., result gradients...).
+  """
+  attr = wrapper.get_attr(graph_rewrite.LIBRARY_GRADIENT_ATTR)
+  grad_function = wrapper.graph._get_function(attr.name)  # pylint: disable=protected-access
+  if grad_function is None:
+    raise ValueError(f"{wrapper.name}: the graph has no function '{attr.name}'")
+  num_results = attr.attr["num_results"].i
+  results = list(wrapper.inputs[:num_results])
+  arguments = list(wrapper.inputs[num_results:])
+
+  def gradient(unused_op, *grads):
+    dys = [g if g is not None else tf.zeros_like(r)
+           for g, r in zip(grads[:num_results], results)]
+    dxs = grad_function(*arguments, *dys)
+    dxs = list(dxs) if isinstance(dxs, (list, tuple)) else [dxs]
+    return [None] * num_results + dxs
+
+  return gradient
+
+
 class _GraphIndex:
   """One MetaGraph's GraphDef, indexed once, cut into functions on demand.
 
@@ -244,6 +291,13 @@ class _GraphIndex:
             asset_nodes)
     roots = [legacy_format.node_name(r) for r in [*fetches, *ops]]
     sub, used = self._subgraph(roots, stop)
+    # (IdentityN node, the name its gradient is registered under)
+    library_gradients = []
+    for node in sub.node:
+      if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
+        name = _unused_gradient_name()
+        library_gradients.append((node.name, name))
+        node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
     missing = sorted({legacy_format.node_name(k) for k in used} & self.handles -
                      set(self.variables))
     if missing:
@@ -266,7 +320,11 @@ class _GraphIndex:
       results = tf.compat.v1.import_graph_def(
           sub, input_map=input_map, name="",
           return_elements=[legacy_format.tensor_name(t) for t in fetches] +
-          [legacy_format.node_name(o) for o in ops])
+          [legacy_format.node_name(o) for o in ops] + [w[0] for w in library_gradients])
+      wrappers = results[len(fetches) + len(ops):]
+      for (_, name), wrapper in zip(library_gradients, wrappers):
+        tf.RegisterGradient(name)(library_gradient(wrapper))
+      results = results[:len(fetches) + len(ops)]
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:
         with tf.control_dependencies(updates):
@@ -289,6 +347,28 @@ def _not_differentiable(op_type: str) -> bool:
     return _GRADIENT_REGISTRY.lookup(op_type) is None
   except LookupError:
     return False
+
+
+def _gradient_notes(repairs: Sequence[graph_rewrite.GradientRepairs]) -> list[str]:
+  notes = []
+  library = max((len(r.library) for r in repairs), default=0)
+  if library:
+    functions = sorted({f"{f} (gradient {g})" for r in repairs
+                        for f, g in r.functions.items()})
+    notes.append(
+        f"{library} calls of library functions are differentiated by the gradient "
+        f"functions the module's function library registers for them, as in TF1: "
+        f"{', '.join(functions)}.")
+  forward = max((len(r.forward) for r in repairs), default=0)
+  if forward:
+    notes.append(
+        f"{forward} custom gradients were lost before conversion: the module's "
+        f"IdentityN ops name Python gradient functions (tf.custom_gradient, e.g. "
+        f"TF 2.x's tf.nn.swish) that hub.Module's export did not save, so not even "
+        f"hub.Module could differentiate them. The converted model differentiates "
+        f"the forward computation instead (for swish: the same values as its "
+        f"custom gradient).")
+  return notes
 
 
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
@@ -404,6 +484,12 @@ def build(module: legacy_format.LegacyModule,
   if rewritten:
     notes.append(f"{rewritten} reference variables (VariableV2) were rewritten "
                  f"to resource variables, their update ops included.")
+  repairs = {}
+  for tags in list(graph_defs):
+    graph_defs[tags], repairs[tags] = graph_rewrite.repair_gradients(
+        graph_defs[tags], graph_rewrite.has_gradient,
+        f"{module.path} (tags {sorted(tags)})")
+  notes.extend(_gradient_notes(repairs.values()))
 
   # The train graph: the chosen output, maybe without its output dropout.
   removed = kept = None

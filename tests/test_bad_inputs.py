@@ -207,6 +207,48 @@ def unknown_output_key(root):
                        "--output_key=logits")
 
 
+def _lost_gradient_copy(root, edit):
+  """A copy of the TF 2.x-swish fixture with `edit(graph_def, identity_n_node)` applied
+  to the first swish IdentityN of every MetaGraph."""
+  src = _copy(root, "efficientnet_tf2_swish")
+
+  def apply(sm):
+    for mg in sm.meta_graphs:
+      node = next(n for n in mg.graph_def.node
+                  if n.op == "IdentityN" and "_gradient_op_type" in n.attr)
+      edit(mg.graph_def, node)
+  bi.edit_saved_model(src, apply)
+  return src
+
+
+@case
+def gradient_override_not_in_module(root):
+  """gradient_override_map to a Python gradient the module cannot carry."""
+  def override(_, node):
+    node.attr["_gradient_op_type"].s = b"MyStraightThroughGrad"
+  src = _lost_gradient_copy(root, override)
+  return _convert_case(src, root, ExitCode.UNSUPPORTED,
+                       [src, "node 'efficientnet-tiny/stem/IdentityN'", "op IdentityN",
+                        "'MyStraightThroughGrad'", "cannot convert"], "--noverify")
+
+
+@case
+def lost_custom_gradient_without_forward_gradient(root):
+  """A straight-through custom gradient: its forward is under stop_gradient."""
+  def stop(graph_def, node):
+    stopped = graph_def.node.add()
+    stopped.name = node.name + "/forward_stopped"
+    stopped.op = "StopGradient"
+    stopped.input.append(node.input[0])
+    stopped.attr["T"].type = bi.types_pb2.DT_FLOAT
+    node.input[0] = stopped.name
+  src = _lost_gradient_copy(root, stop)
+  return _convert_case(src, root, ExitCode.UNSUPPORTED,
+                       [src, "node 'efficientnet-tiny/stem/IdentityN'",
+                        "lost its custom gradient", "forward computation cannot replace it",
+                        "cannot convert"], "--noverify")
+
+
 @case
 def unknown_module_format(root):
   src = _copy(root)
