@@ -331,10 +331,10 @@ def _forward_differentiable(node, nodes, consumers, has_gradient) -> Optional[st
   # and its consumers use the results' outputs: those come first, the others after.
   used = {int(r.split(":")[1]) if ":" in r else 0
           for c in consumers.get(node.name, []) for r in _data_inputs(c)
-          if _name(r) == node.name}
+          if legacy_format.node_name(r) == node.name}
   count = max(used) + 1 if used else 1
-  results = {_name(r) for r in inputs[:count]}
-  arguments = {_name(r) for r in inputs[count:]}
+  results = {legacy_format.node_name(r) for r in inputs[:count]}
+  arguments = {legacy_format.node_name(r) for r in inputs[count:]}
   seen, todo = set(arguments), list(arguments)
   while todo:
     name = todo.pop()
