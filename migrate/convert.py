@@ -18,6 +18,7 @@ from migrate import build as build_lib
 from migrate import errors
 from migrate import export
 from migrate import fileutil
+from migrate import keras_format
 from migrate import legacy_format
 from migrate import plan as plan_lib
 from migrate import preflight
@@ -79,7 +80,8 @@ def convert(src: str, dst: str, *,
             keep_failed: bool = False,
             allow_unsafe_ops: bool = False,
             parallel_verify: Optional[bool] = None) -> ConversionResult:
-  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`.
+  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`
+  (a native Keras 3 model if `dst` ends in `.keras`: `keras_convert`).
 
   `parallel_verify` runs the TF1 side of verification in a child process
   during the conversion (None: for modules big enough to gain from it; see
@@ -89,6 +91,13 @@ def convert(src: str, dst: str, *,
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
   parity is kept at `dst + ".failed-parity"`) and `src` is unchanged.
   """
+  if keras_format.is_keras_path(dst):  # The native Keras 3 output.
+    from migrate import keras_convert  # pylint: disable=g-import-not-at-top
+    return keras_convert.convert_keras(
+        src, dst, signature=signature, output_key=output_key,
+        overwrite=overwrite, keep_output_dropout=keep_output_dropout,
+        verify=verify, keep_failed=keep_failed,
+        allow_unsafe_ops=allow_unsafe_ops, parallel_verify=parallel_verify)
   seconds: dict[str, float] = {}
   clock = time.perf_counter()
 
@@ -167,6 +176,9 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
   safety.check_module(legacy_format.read_module(old),
                       allow_unsafe_ops=allow_unsafe_ops)
+  if keras_format.is_keras_path(new):  # A native Keras 3 model.
+    from migrate import keras_verify  # pylint: disable=g-import-not-at-top
+    return keras_verify.verify_existing(old, new)
   preflight.check_converted(new)
   return verify_lib.verify(old, new)
 
