@@ -40,7 +40,8 @@ def _stale_pattern(dst: str) -> re.Pattern:
 
 
 def clean_stale_temporaries(dst: str) -> list[str]:
-  """Removes temporary directories left for DST by killed runs."""
+  """Removes temporary directories (or files: `keras_export`) left for DST by
+  killed runs."""
   parent = os.path.dirname(os.path.abspath(dst))
   pattern = _stale_pattern(os.path.abspath(dst))
   removed = []
@@ -51,7 +52,14 @@ def clean_stale_temporaries(dst: str) -> list[str]:
   for name in names:
     match = pattern.match(name)
     if match and not fileutil.pid_alive(int(match.group(2))):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      path = os.path.join(parent, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        try:
+          os.unlink(path)
+        except OSError:
+          continue
       removed.append(name)
   return removed
 

@@ -10,83 +10,32 @@ DST is absent, the old file, or the complete new model, never a partial one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import zipfile
 from typing import Any, Mapping
 
-from migrate import errors
 from migrate import export as export_lib
-from migrate import fileutil
 from migrate import keras_format
 
-_TMP_MARK = ".migrate-tmp-"  # As export's staging directories.
-_OLD_MARK = ".migrate-old-"
+_TMP_MARK = export_lib._TMP_MARK  # pylint: disable=protected-access
 
 
-def clean_stale_temporaries(dst: str) -> list[str]:
-  """Removes the temporary files (and directories) killed runs left for DST."""
-  parent = os.path.dirname(os.path.abspath(dst))
-  base = re.escape(os.path.basename(os.path.abspath(dst)))
-  pattern = re.compile(rf"^\.{base}({re.escape(_TMP_MARK)}|{re.escape(_OLD_MARK)})(\d+)-")
-  removed = []
-  try:
-    names = os.listdir(parent)
-  except OSError:
-    return removed
-  for name in names:
-    match = pattern.match(name)
-    if not match or fileutil.pid_alive(int(match.group(2))):
-      continue
-    path = os.path.join(parent, name)
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      try:
-        os.unlink(path)
-      except OSError:
-        continue
-    removed.append(name)
-  return removed
-
-
-@dataclasses.dataclass
-class StagedKerasFile:
-  """A complete `.keras` file at a temporary path beside DST."""
-
-  dst: str
-  path: str
-
-  def commit(self, *, overwrite: bool) -> None:
-    """Moves the file into place (replacing DST only if `overwrite`)."""
-    dst = os.path.abspath(self.dst)
-    old = None
-    if os.path.lexists(dst):
-      if not overwrite:
-        self.discard()
-        raise errors.OutputError(
-            f"{self.dst}: expected a new output path, found one created "
-            f"meanwhile (pass --overwrite to replace it)")
-      if os.path.isdir(dst) and not os.path.islink(dst):
-        old = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(dst)}{_OLD_MARK}{os.getpid()}-",
-            dir=os.path.dirname(dst))
-        os.rename(dst, os.path.join(old, "previous"))
-    os.replace(self.path, dst)  # Atomic, also over an existing file.
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+class StagedKerasFile(export_lib.StagedOutput):
+  """A complete `.keras` file at a temporary path beside DST (`commit` is
+  `StagedOutput`'s: renames work alike on files)."""
 
   def keep_aside(self, suffix: str) -> str:
-    """Moves the file to `<DST><suffix>` for inspection; returns that path."""
     target = os.path.abspath(self.dst) + suffix
     if os.path.isdir(target) and not os.path.islink(target):
       shutil.rmtree(target, ignore_errors=True)
     os.replace(self.path, target)
     return target
+
+  def write_model_card(self, text: str) -> None:
+    raise NotImplementedError("a .keras file has no model card beside it")
 
   def discard(self) -> None:
     try:
@@ -98,7 +47,7 @@ class StagedKerasFile:
 def stage(model, dst: str, metadata: Mapping[str, Any]) -> StagedKerasFile:
   """Saves `model` (a `keras.Model`) and `metadata` to a temporary file beside `dst`."""
   import keras  # pylint: disable=g-import-not-at-top
-  clean_stale_temporaries(dst)
+  export_lib.clean_stale_temporaries(dst)
   dst_abs = os.path.abspath(dst)
   try:
     fd, tmp = tempfile.mkstemp(
