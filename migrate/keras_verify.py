@@ -238,7 +238,7 @@ def check_backend(run: BackendRun, kplan: keras_translate.KerasPlan,
              if tensor in expected.outputs[tag]}
   add(compare_lib.compare_many(f"call/inference[{b}]",
                                {t: r["outputs"][t] for t in outputs}, outputs,
-                               "keras_inference"))
+                               "keras_inference", scale=_largest(outputs.values())))
   conventions = [f"{t}: {o.dtype} {list(o.shape)}" for t, o in r["outputs"].items()
                  if o.dtype != np.float32 or o.ndim != 2 or
                  o.shape[0] != _parse_tag(t)[0]]
@@ -287,7 +287,7 @@ def _check_training(r: Mapping[str, Any], step: verify_lib.ExpectedStep,
   b = r["backend"]
   add = report.checks.append
   add(compare_lib.compare(f"train/output[{b}]", r["train_output"], step.output,
-                          "keras_training_output"))
+                          "keras_training_output", scale=_largest([step.output])))
   in_model = set(kplan.variables)
   ref_changed = {v: x for v, x in step.changed.items() if v in in_model}
   outside = sorted(set(step.changed) - in_model)
@@ -314,9 +314,8 @@ def _check_training(r: Mapping[str, Any], step: verify_lib.ExpectedStep,
   for var, g in r["gradients"].items():
     grads[var] = g
     ref_grads[var] = step.gradients.get(var, np.zeros_like(g))
-  scale = max([float(np.abs(g).max()) for g in ref_grads.values()] + [1e-30])
   add(compare_lib.compare_many(f"train/gradients[{b}]", grads, ref_grads,
-                               "keras_gradients", scale=scale))
+                               "keras_gradients", scale=_largest(ref_grads.values())))
   norms = {v: np.float64(np.linalg.norm(g.astype(np.float64))) for v, g in grads.items()}
   ref_norms = {v: np.float64(np.linalg.norm(g.astype(np.float64)))
                for v, g in ref_grads.items()}
@@ -328,6 +327,11 @@ def _check_training(r: Mapping[str, Any], step: verify_lib.ExpectedStep,
         f"{b}: {len(r['unfed_dropout'])} Dropout layers drew their own masks "
         f"in the training call (the module's output does not depend on them: "
         f"e.g. '{r['unfed_dropout'][0]}')")
+
+
+def _largest(arrays) -> float:
+  """The largest magnitude in `arrays` (what tolerances' atol is relative to)."""
+  return max([float(np.max(np.abs(a))) for a in arrays if np.size(a)] + [1e-30])
 
 
 def _diff(actual: set[str], expected: set[str]) -> str:
