@@ -218,7 +218,7 @@ def test_verification_fails_on_a_tampered_model(tmp_path, keras_models):
       "import keras, sys, zipfile\n"
       f"m = keras.saving.load_model({path!r})\n"
       "conv = [l for l in m.layers if type(l).__name__ == 'Conv2D'][0]\n"
-      "conv.kernel.assign(conv.kernel + 1e-3)\n"
+      "conv.kernel.assign(conv.kernel + 1e-2)\n"
       "bn = [l for l in m.layers if type(l).__name__ == 'BatchNormalization'][0]\n"
       "bn.momentum = 0.5\n"
       f"m.save({str(bad)!r})\n"
@@ -241,7 +241,8 @@ def test_verification_fails_on_a_tampered_model(tmp_path, keras_models):
                                         str(bad), backends=("tensorflow",))
   failed = {c.name.split("[")[0] for c in report.failures}
   assert {"variables/values", "call/inference", "train/output",
-          "train/gradients"} <= failed, report.format_table()
+          "train/moving_averages", "train/gradient_norms"} <= failed, (
+              report.format_table())
 
 
 def test_fake_quant_is_refused_before_anything_is_written(tmp_path, convert_cached):
