@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from migrate import errors
 from migrate import fileutil
 from migrate import isolation
+from migrate import keras_format
 from migrate import preflight
 from migrate import staging
 
@@ -95,12 +96,29 @@ class ConvertOptions:
   # Replace an existing DST that this batch did not make (one it made from an
   # older source, or whose conversion was interrupted, is always replaced).
   overwrite: bool = False
+  # keras_format.FORMAT_SAVEDMODEL, or FORMAT_KERAS: each DST is then
+  # `<destination>.keras`, a native Keras 3 model (see `output_destinations`).
+  output_format: str = keras_format.FORMAT_SAVEDMODEL
 
   def fingerprint(self) -> dict[str, Any]:
     """The options that change the output: a record is reused only if equal."""
-    return {"signature": self.signature, "output_key": self.output_key,
-            "keep_output_dropout": self.keep_output_dropout,
-            "verify": self.verify, "allow_unsafe_ops": self.allow_unsafe_ops}
+    fp = {"signature": self.signature, "output_key": self.output_key,
+          "keep_output_dropout": self.keep_output_dropout,
+          "verify": self.verify, "allow_unsafe_ops": self.allow_unsafe_ops}
+    if self.output_format != keras_format.FORMAT_SAVEDMODEL:
+      fp["output_format"] = self.output_format  # (Older records: SavedModels.)
+    return fp
+
+
+def output_destinations(sources: Sequence["Source"], output_format: str
+                        ) -> list["Source"]:
+  """`sources` with the destinations of `output_format`: `.keras` files for
+  FORMAT_KERAS (a destination already ending in `.keras` is kept)."""
+  if output_format != keras_format.FORMAT_KERAS:
+    return list(sources)
+  return [s if keras_format.is_keras_path(s.destination) else
+          dataclasses.replace(s, destination=s.destination + keras_format.SUFFIX)
+          for s in sources]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,8 +452,7 @@ def convert_in_worker(item: WorkItem) -> dict[str, Any]:
   elif item.kind == KIND_URL:
     src = _resolve_url(item.location, item.tfhub_cache)
     sha = fileutil.tree_sha256(src)
-    if sha == item.skip_if_sha256 and os.path.isfile(
-        os.path.join(item.destination, SAVED_MODEL_FILENAME)):
+    if sha == item.skip_if_sha256 and keras_format.output_exists(item.destination):
       return {"skipped": True, "source_sha256": sha}
   from migrate import convert  # pylint: disable=g-import-not-at-top
   result = convert.convert(src, item.destination, **item.options).to_dict()
@@ -852,7 +869,7 @@ class BatchRunner:
         and record.get("source_sha256") == sha
         and record.get("source") == source.location
         and record.get("options") == self.fingerprint(source)
-        and os.path.isfile(os.path.join(source.destination, SAVED_MODEL_FILENAME))):
+        and keras_format.output_exists(source.destination)):
       return record
     return None
 
@@ -867,6 +884,8 @@ class BatchRunner:
     """DST was made by a batch here (recorded), or is our model, unrecorded."""
     if self.state.get(destination) is not None:
       return True
+    if keras_format.is_keras_path(destination):
+      return keras_format.read_metadata(destination) is not None
     try:
       card = fileutil.read_regular_file(
           os.path.join(destination, MODEL_CARD_FILENAME), max_bytes=1 << 20)
@@ -1173,6 +1192,7 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   estimated peaks of those running (`estimated_peak_bytes`) would exceed it.
   """
   options = options or ConvertOptions()
+  sources = output_destinations(sources, options.output_format)
   jobs = max(1, jobs or default_jobs())
   dst_root = os.path.abspath(dst_root)
   if threads_per_worker is None:

@@ -89,6 +89,7 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
                  max_archive_bytes: int = batch.MAX_ARCHIVE_BYTES) -> batch.BatchReport:
   """Runs the batch on a Beam runner (DirectRunner by default); -> BatchReport."""
   options = options or batch.ConvertOptions()
+  sources = batch.output_destinations(sources, options.output_format)
   dst_root = os.path.abspath(dst_root)
   started_at = batch.now_iso()
   work_dir = os.path.join(dst_root, batch.WORK_DIRNAME)

@@ -3,9 +3,11 @@
     migrate-hub-module SRC DST [--signature=] [--output_key=] [--overwrite]
                        [--keep_output_dropout] [--noverify] [--keep_failed]
                        [--report=FILE.json] [--allow_unsafe_ops]
+    migrate-hub-module SRC DST.keras [...]   (a native Keras 3 model)
     migrate-hub-module verify OLD NEW [--report=FILE.json]
     migrate-hub-module batch SRC_ROOT DST_ROOT [--manifest=FILE.csv] [--jobs=N]
                        [--timeout=SECONDS] [--report=FILE.json,FILE.csv]
+                       [--format=savedmodel|keras]
 
 Exit codes (see migrate/errors.py): 0 ok, 1 internal error, 2 usage,
 3 input not found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt
@@ -77,6 +79,13 @@ _MANIFEST = flags.DEFINE_string(
 _JOBS = flags.DEFINE_integer(
     "jobs", None, "batch: modules converted at a time, each in its own worker "
     "process (default: the number of cores).", lower_bound=1)
+# The native Keras 3 output (migrate/keras_*.py): a DST ending in .keras.
+_FORMAT = flags.DEFINE_enum(
+    "format", None, ["savedmodel", "keras"], "Output format: a TF2 "
+    "SavedModel directory, or a native Keras 3 model file (.keras, built-in "
+    "layers only; verified on every installed Keras backend). Default: keras "
+    "for a DST ending in .keras, else savedmodel; batch: savedmodel, keras "
+    "writes DST_ROOT/<module>.keras.")
 _BEAM_ARGS = flags.DEFINE_string(
     "beam_args", None, "batch: run the batch as an Apache Beam pipeline with "
     "these pipeline options, e.g. '--runner=DirectRunner "
@@ -202,11 +211,24 @@ def _reference_prestart(src: str) -> tuple[str, ...]:
   return ("migrate.verify",) if preflight.reference_child_pays(prefix) else ()
 
 
+def _check_format(dst: str) -> None:
+  """--format must agree with DST's name (a .keras file or a directory)."""
+  from migrate import keras_format  # pylint: disable=g-import-not-at-top
+  keras = keras_format.is_keras_path(dst)
+  if _FORMAT.value == "keras" and not keras:
+    raise _UsageError(f"--format=keras writes a .keras file: DST must end in "
+                      f".keras, found {dst}")
+  if _FORMAT.value == "savedmodel" and keras:
+    raise _UsageError(f"--format=savedmodel writes a directory: DST may not "
+                      f"end in .keras, found {dst}")
+
+
 def _convert(src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
   from migrate import preflight
   from migrate import staging
+  _check_format(dst)
   # What the file system alone shows is wrong is said at once, before a
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
@@ -248,9 +270,13 @@ def _convert(src: str, dst: str) -> int:
 def _verify(old: str, new: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
+  from migrate import keras_format
   from migrate import preflight
   preflight.check_source(old)
-  preflight.check_converted(new)
+  if keras_format.is_keras_path(new):
+    keras_format.check_converted(new)
+  else:
+    preflight.check_converted(new)
   _check_reports_outside(old, new)
   try:
     report = isolation.run_isolated(
@@ -288,7 +314,7 @@ def _batch(src_root: str, dst_root: str) -> int:
       signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
       keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value, verify=_VERIFY.value,
       keep_failed=_KEEP_FAILED.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value,
-      overwrite=_OVERWRITE.value)
+      overwrite=_OVERWRITE.value, output_format=_FORMAT.value or "savedmodel")
 
   # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
   tty = sys.stderr.isatty()

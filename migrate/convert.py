@@ -23,6 +23,7 @@ from migrate import build as build_lib
 from migrate import errors
 from migrate import export
 from migrate import fileutil
+from migrate import keras_format
 from migrate import legacy_format
 from migrate import plan as plan_lib
 from migrate import preflight
@@ -84,12 +85,15 @@ def convert(src: str, dst: str, *,
             verify: bool = True,
             keep_failed: bool = False,
             allow_unsafe_ops: bool = False,
-            parallel_verify: Optional[bool] = None) -> ConversionResult:
-  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`.
+            parallel_verify: Optional[bool] = None,
+            keras_backends: Optional[Sequence[str]] = None) -> ConversionResult:
+  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`
+  (a native Keras 3 model if `dst` ends in `.keras`: `keras_convert`).
 
   `parallel_verify` runs the TF1 side of verification in a child process
   during the conversion (None: for modules big enough to gain from it; see
-  `verify.start_reference`).
+  `verify.start_reference`). `keras_backends` picks the Keras backends a
+  `.keras` output is verified on (default: every one installed).
 
   Raises a `migrate.errors.MigrationError` subclass for anything the user can
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
@@ -111,6 +115,12 @@ def convert(src: str, dst: str, *,
   safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   lap("read")
   with staging.Destination(dst, src=src) as destination, _tensorflow_errors(src):
+    if keras_format.is_keras_path(dst):  # The native Keras 3 output.
+      from migrate import keras_convert  # pylint: disable=g-import-not-at-top
+      return keras_convert.convert_planned(
+          module, plan, src, destination, seconds, lap, overwrite=overwrite,
+          verify=verify, keep_failed=keep_failed,
+          parallel_verify=parallel_verify, backends=keras_backends)
     return _convert(module, plan, src, destination, seconds, lap,
                     overwrite=overwrite, verify=verify, keep_failed=keep_failed,
                     allow_unsafe_ops=allow_unsafe_ops,
@@ -197,6 +207,10 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
   module = legacy_format.read_module(old)
   safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
+  if keras_format.is_keras_path(new):  # A native Keras 3 model.
+    from migrate import keras_verify  # pylint: disable=g-import-not-at-top
+    with _tensorflow_errors(old):
+      return keras_verify.verify_existing(old, new)
   preflight.check_converted(new)
   safety.check_saved_model(new, allow_unsafe_ops=allow_unsafe_ops)
   _check_made_by_this_tool(new)

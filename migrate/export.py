@@ -32,7 +32,7 @@ StagedOutput = staging.StagedOutput
 
 
 def clean_stale_temporaries(dst: str) -> list[str]:
-  """Removes temporary directories left for DST by killed runs."""
+  """Removes temporary directories (or files) left for DST by killed runs."""
   return staging.clean_stale(dst)
 
 

@@ -131,13 +131,23 @@ def _rmtree(name: str, dir_fd: int) -> None:
 class StagedOutput:
   """A directory beside DST being written, then moved into place."""
 
-  def __init__(self, destination: "Destination", name: str, fd: int):
+  def __init__(self, destination: "Destination", name: str, fd: int,
+               member: Optional[str] = None):
     self.destination = destination
     self.name = name  # Its name in DST's parent.
     self._fd = fd
     self.dst = destination.dst
+    # The output is this directory, or the one file `member` in it (a
+    # `.keras` model): then that file is what becomes DST.
+    self.member = member
     # Where to write and read it: follows the directory itself (see module doc).
-    self.path = _proc_path(fd) or os.path.join(destination.parent, name)
+    directory = _proc_path(fd) or os.path.join(destination.parent, name)
+    self.path = os.path.join(directory, member) if member else directory
+
+  @property
+  def output_name(self) -> str:
+    """What is renamed to DST, relative to DST's parent."""
+    return f"{self.name}/{self.member}" if self.member else self.name
 
   def write_model_card(self, text: str) -> None:
     with open(os.path.join(self.path, MODEL_CARD_FILENAME), "w",
@@ -227,12 +237,13 @@ class Destination:
         continue
     raise FileExistsError(f"{self.parent}: no free temporary name")
 
-  def stage(self) -> StagedOutput:
-    """A fresh empty directory beside DST (after removing dead runs' ones)."""
+  def stage(self, member: Optional[str] = None) -> StagedOutput:
+    """A fresh empty directory beside DST (after removing dead runs' ones);
+    with `member`, the output will be that one file in it."""
     self.clean_stale()
     name = self._mkdir(TMP_MARK)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-    return StagedOutput(self, name, fd)
+    return StagedOutput(self, name, fd, member)
 
   def commit(self, staged: StagedOutput, *, overwrite: bool) -> None:
     """Renames the staged model to DST within the held parent."""
@@ -257,16 +268,21 @@ class Destination:
       old = self._mkdir(OLD_MARK)
       os.rename(self.name, f"{old}/{PREVIOUS}", src_dir_fd=self.fd,
                 dst_dir_fd=self.fd)
-    os.rename(staged.name, self.name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+    os.rename(staged.output_name, self.name, src_dir_fd=self.fd,
+              dst_dir_fd=self.fd)
     staged.close()
+    if staged.member:
+      _rmtree(staged.name, self.fd)
     if old is not None:
       _rmtree(old, self.fd)
 
   def keep_aside(self, staged: StagedOutput, suffix: str) -> str:
     target = self.name + suffix
     _rmtree(target, self.fd)
-    os.rename(staged.name, target, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+    os.rename(staged.output_name, target, src_dir_fd=self.fd, dst_dir_fd=self.fd)
     staged.close()
+    if staged.member:
+      _rmtree(staged.name, self.fd)
     return os.path.join(self.parent, target)
 
   def discard(self, staged: StagedOutput) -> None:

@@ -73,6 +73,32 @@ TOLERANCES: Mapping[str, Tolerance] = {
     "consumer_tflite_fake_quant": Tolerance(
         1e-3, 2e-2, "as consumer_tflite, and a FakeQuant grid step (see "
         "training_output_fake_quant)"),
+    # The native Keras model (keras_verify), on each backend: other kernels
+    # (XLA on CPU for JAX, ATen for PyTorch, Keras's unfused batch norm on
+    # TensorFlow) than the TF1 Session's, summing in other orders. The
+    # baseline: two TF1 Sessions of ResNet-v2-50 (random weights, non-trivial
+    # batch-norm statistics) differing only in their convolution kernels
+    # (oneDNN on/off). atol is relative to the largest expected value (scale).
+    "keras_inference": Tolerance(
+        1e-4, 1e-5, "other kernels: the baseline differs by 7e-7 of the "
+        "largest output (features up to 2e3), the Keras model by up to 8e-7"),
+    "keras_training_output": Tolerance(
+        1e-3, 2e-3, "as keras_inference, with batch statistics (Keras's "
+        "keras.ops.moments, not TF's fused batch norm): on ResNet-v2-50 the "
+        "baseline and the Keras model differ by 5.4e-5 and 5.5e-5 of the "
+        "largest output; on Inception-v3 the Keras model by 3e-4 absolute"),
+    "keras_gradients": Tolerance(
+        1e-2, 1e-1, "per entry, gradients through 50 to 94 batch-norm layers "
+        "in training mode on a batch of 2 are ill-conditioned: the baseline "
+        "differs by up to 1.5% of the largest entry (ResNet-v2-50's conv1), "
+        "the Keras model by 1.9% (ResNet-v2-50, MobileNet-v2) and 6% "
+        "(Inception-v3's first convolutions); this check catches gross "
+        "errors, keras_gradient_norms is the finer one"),
+    "keras_gradient_norms": Tolerance(
+        1e-2, 1e-3, "L2 norm per variable: the baseline's weights differ by up "
+        "to 0.31%, the Keras model's by up to 0.36% (MobileNet-v2); atol, "
+        "relative to the largest norm, covers biases before batch norm, whose "
+        "exact gradient is zero"),
     "top_k": Tolerance(
         0.0, 1e-5, "identical top-k indices, except where the reference's "
         "k-th and (k+1)-th scores tie within this atol"),
