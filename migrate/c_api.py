@@ -23,6 +23,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from migrate import errors
+
 LIBRARY = "libtensorflow_cc.so.2"
 
 # TF_DataType (tensorflow/c/tf_datatype.h) <-> numpy, for the dtypes an
@@ -202,4 +204,4 @@ def run_or_error(export_dir: str, tags: Sequence[str],
   try:
     return run_saved_model(export_dir, tags, runs), ""
   except (CApiError, OSError) as e:
-    return None, str(e)
+    return None, errors.first_line(e)

@@ -158,55 +158,6 @@ class _GraphSession:
     return sorted((op for op in self.ancestors(roots) if op.type in RANDOM_OPS),
                   key=lambda op: op.name)
 
-  def _depends_on(self, targets: set[tf.Operation]
-                  ) -> Callable[[tf.Operation], bool]:
-    """A test whether an op's value (or its control inputs) depends on one of
-    `targets`, memoized over the graph (a loop's back edge counts as no)."""
-    memo: dict[tf.Operation, bool] = {}
-
-    def depends(start: tf.Operation) -> bool:
-      stack, entered = [(start, False)], set()
-      while stack:
-        op, expanded = stack.pop()
-        if op in memo:
-          continue
-        preds = [t.op for t in op.inputs] + list(op.control_inputs)
-        if op in targets:
-          memo[op] = True
-        elif expanded:
-          memo[op] = any(memo.get(p, False) for p in preds)
-        elif op not in entered:
-          entered.add(op)
-          stack.append((op, True))
-          stack.extend((p, False) for p in preds if p not in memo)
-      return memo[start]
-
-    return depends
-
-  def draw_random(self, ops: Sequence[tf.Operation],
-                  feed: Mapping[tf.Tensor, np.ndarray],
-                  rng: np.random.RandomState) -> dict[str, np.ndarray]:
-    """Seeded values for the random ops `ops` (`_draw`), none of them run.
-
-    Their inputs (shapes, bounds) are computed with `feed`; those that depend
-    on another random op (rare), one by one in the graph's order, with the
-    values drawn before fed.
-    """
-    feed = dict(feed)
-    depends = self._depends_on(set(ops))
-    needs_random = {op: any(depends(t.op) for t in op.inputs) for op in ops}
-    first = [op for op in ops if not needs_random[op]]
-    order = {op: i for i, op in enumerate(self.graph.get_operations())}
-    later = sorted((op for op in ops if needs_random[op]), key=order.get)
-    values = {}
-    rounds = [first] + [[op] for op in later]
-    for batch in rounds:
-      inputs = self.session.run([list(op.inputs) for op in batch], feed)
-      for op, args in zip(batch, inputs):
-        values[op.name] = _draw(op, args, rng)
-        feed[op.outputs[0]] = values[op.name]
-    return values
-
   def regularization(self) -> tuple[list[tf.Tensor], tf.Tensor]:
     if self._reg_total is None:
       losses = [self.tensor(n) for n in self.variant.regularization_losses]
@@ -304,6 +255,55 @@ def _draw(op: tf.Operation, inputs: Sequence[np.ndarray],
     raise ValueError(f"random op '{op.name}' ({kind}): no seeded draw for its "
                      f"distribution")
   return np.asarray(value).astype(dtype)
+
+
+def _depends_on(targets: set[tf.Operation]) -> Callable[[tf.Operation], bool]:
+  """A test whether an op's value (or its control inputs) depends on one of
+  `targets`, memoized over the graph (a loop's back edge counts as no)."""
+  memo: dict[tf.Operation, bool] = {}
+
+  def depends(start: tf.Operation) -> bool:
+    stack, entered = [(start, False)], set()
+    while stack:
+      op, expanded = stack.pop()
+      if op in memo:
+        continue
+      preds = [t.op for t in op.inputs] + list(op.control_inputs)
+      if op in targets:
+        memo[op] = True
+      elif expanded:
+        memo[op] = any(memo.get(p, False) for p in preds)
+      elif op not in entered:
+        entered.add(op)
+        stack.append((op, True))
+        stack.extend((p, False) for p in preds if p not in memo)
+    return memo[start]
+
+  return depends
+
+
+def draw_random(session: tf.compat.v1.Session, ops: Sequence[tf.Operation],
+                feed: Mapping[tf.Tensor, np.ndarray],
+                rng: np.random.RandomState) -> dict[str, np.ndarray]:
+  """Seeded values for the random ops `ops` of `session`'s graph (`_draw`),
+  by op name; none of them is run.
+
+  Their inputs (shapes, bounds) are computed with `feed`, in one run; those
+  that depend on another random op (rare), one by one in the graph's order,
+  with the values drawn before them fed.
+  """
+  feed = dict(feed)
+  depends = _depends_on(set(ops))
+  needs_random = {op: any(depends(t.op) for t in op.inputs) for op in ops}
+  order = {op: i for i, op in enumerate(session.graph.get_operations())}
+  later = sorted((op for op in ops if needs_random[op]), key=order.get)
+  values = {}
+  for batch in [[op for op in ops if not needs_random[op]]] + [[op] for op in later]:
+    inputs = session.run([list(op.inputs) for op in batch], feed)
+    for op, args in zip(batch, inputs):
+      values[op.name] = _draw(op, args, rng)
+      feed[op.outputs[0]] = values[op.name]
+  return values
 
 
 class ReferenceModule:
@@ -493,7 +493,8 @@ class ReferenceModule:
                            [t.op for t in grads.values()])
     if randoms:
       if random_feeds is None:
-        random_values = g.draw_random(randoms, feed, np.random.RandomState(seed))
+        random_values = draw_random(g.session, randoms, feed,
+                                    np.random.RandomState(seed))
       else:
         missing = [op.name for op in randoms if op.name not in random_feeds]
         if missing:

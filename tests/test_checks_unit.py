@@ -363,6 +363,25 @@ def test_a_failed_step_skips_its_comparisons():
   assert not any(n in results for n in ("train/output", "train/gradients"))
 
 
+def test_a_step_that_tensorflow_refused_names_the_cause():
+  """What the CLI prints for a failed check ('check 'train/run' failed: ...')
+  names the kernel's message, not TensorFlow's "Graph execution error:" header
+  (issue 13: an unseeded random op under op determinism was reported so)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  graph = tf.Graph()
+  with graph.as_default():
+    noise = tf.raw_ops.RandomUniform(shape=tf.constant([2, 1]), dtype=tf.float32)
+  with verify_spec.deterministic_ops(), tf.compat.v1.Session(graph=graph) as session:
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+      session.run(noise)
+  spec, expected, actual, facts = _sides()
+  expected.steps["train"] = ExpectedStep(error=verify_spec.error_text(raised.value))
+  line = str(_results(spec, expected, actual, facts)["train/run"])
+  assert line == ("check 'train/run' failed: the module's training step failed: "
+                  "InvalidArgumentError: When determinism is enabled, random ops must "
+                  "have a seed specified."), line
+
+
 def test_unmatched_random_ops_fail_and_skip_the_step():
   spec, expected, actual, facts = _sides()
   actual.steps["train"] = ActualStep(random_ops=verify_random_ops.RandomOpsMatch(

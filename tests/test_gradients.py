@@ -103,6 +103,7 @@ def test_lost_custom_gradient_differentiates_the_forward_computation(convert_cac
   assert "SigmoidGrad" in ops  # d/dx of x * sigmoid(x), differentiated op by op.
   card = open(os.path.join(path, "MODEL_CARD.md"), encoding="utf-8").read()
   assert "custom gradients were lost" in card and "forward computation" in card
+  assert "analytic gradient of that forward computation" in card  # What verification does.
   notes = tf.saved_model.load(path).metadata.notes.numpy().decode()
   assert "custom gradients were lost" in notes
 

@@ -179,6 +179,71 @@ def test_training_step_matches_goldens(converted, name):
   assert bool(moved) == bool(c.meta["train_signatures"] and c.meta["num_update_ops"])
 
 
+# Drop path (NASNet) and drop connect (EfficientNet) from unseeded random ops.
+STOCHASTIC = [n for n in NAMES if conftest.golden_meta(n).get("unseeded_random_ops")]
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_training_mode_contract_of_stochastic_graphs(converted, name):
+  """README "Verification": obj(x, training=True) is random by design, and so are
+  the moving averages it updates (drop path and drop connect feed later batch
+  norms); given the same random values, output, moving averages and gradients are
+  deterministic and the module's; inference is deterministic."""
+  c = converted(name)
+  assert STOCHASTIC  # The corpus has such fixtures.
+  sig = c.text("source_signature")
+  key = c.text("source_output_key")
+  moving = [n for n in c.meta["non_trainable_variables"] if "moving" in n]
+
+  def step(call, x):
+    trainable = list(c.model.trainable_variables)
+    try:
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(trainable)  # The fed copy reads them through captured handles.
+        out = call(x)
+        loss = tf.reduce_sum(out)
+      grads = tape.gradient(loss, trainable)
+      assert sum(g is not None for g in grads) > len(grads) // 2
+      return (out.numpy(), {n: c.variables[n].numpy() for n in moving},
+              [None if g is None else g.numpy() for g in grads])
+    finally:
+      c.restore()
+
+  tf_config.disable_op_determinism()  # Unseeded random ops refuse to run under it.
+  try:
+    # 16 images: two draws of every drop-path mask agreeing is out of question.
+    x16 = tf.constant(np.concatenate([c.train_images] * 4))
+    free = [step(lambda images: c.model(images, training=True), x16) for _ in range(2)]
+  finally:
+    tf_config.enable_op_determinism()
+  assert not np.array_equal(free[0][0], free[1][0]), "training output is not random"
+  assert any(not np.array_equal(free[0][1][n], free[1][1][n]) for n in moving), (
+      "moving averages do not depend on the random values")
+  # The same random values (the module's, recorded by hub.Module) fed: deterministic.
+  x = tf.constant(c.train_images)
+  call, fed_count = _training_call(c, sig, x.shape)
+  assert fed_count
+  fed = [step(call, x) for _ in range(2)]
+  np.testing.assert_array_equal(fed[0][0], fed[1][0])
+  for n in moving:
+    np.testing.assert_array_equal(fed[0][1][n], fed[1][1][n])
+  for a, b in zip(fed[0][2], fed[1][2]):
+    assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+  _assert_ok(compare.compare("fed train output", fed[0][0],
+                             _train_expected(c, sig, key),
+                             _tolerance(name, "golden_training")))
+  _assert_ok(compare.compare_many(
+      "fed moving averages", fed[0][1],
+      {n: c.arrays[f"moving_after/{n}"] for n in moving},
+      _tolerance(name, "golden_moving_averages")))
+  # Inference: deterministic, and the module's.
+  first, second = (c.model(x).numpy() for _ in range(2))
+  np.testing.assert_array_equal(first, second)
+  _assert_ok(compare.compare("inference", first,
+                             c.arrays[f"infer/{sig}/{key}/{c.meta['train_batch']}"],
+                             _tolerance(name, "golden_inference")))
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if conftest.golden_meta(n)["hparams"]])
 def test_training_step_with_hparams_matches_goldens(converted, name):
   c = converted(name)
@@ -242,6 +307,10 @@ def test_verify_passes(converted, name):
   c = converted(name)
   report = verify_lib.verify(conftest.module_path(name), c.path)
   assert report.passed, report.format_table()
+  # The module's own gradients, or (lost custom gradients: TF 2.x swish) those of
+  # the forward computation, as the report says.
+  assert report.method_for_gradients.startswith(
+      "forward computation" if c.meta.get("grad_source") else "the module's")
   names = {r.name for r in report.checks}
   assert {"variables/values", "call/inference", "regularization/total",
           "train/output", "train/moving_averages", "train/gradients"} <= names
