@@ -101,6 +101,10 @@ class KerasPlan:
   loss_variables: list[str]  # The variable of each of those losses.
   frozen_batch_norm: bool  # Batch norm runs in inference mode even in training.
   momentum_hparam: str = ""  # The hyperparameter the momentum defaults from.
+  # "signature/key" -> the layer computing that output of the module, for
+  # every output of its image signatures that the model holds (e.g. the
+  # classifier's logits beside a feature vector).
+  outputs: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def layer(self, name: str) -> LayerSpec:
     for spec in self.layers:
@@ -323,6 +327,7 @@ def _translate(module: legacy_format.LegacyModule,
   # The other outputs of the image signatures: their layers join the model
   # when they hold variables that the chosen output does not read.
   extras: list[tuple[str, str]] = []
+  outputs: dict[str, str] = {}
   for name, other in sorted(variant.signatures.items()):
     info = other.inputs.get(plan_lib.IMAGES_INPUT)
     if info is None or tensor_key(info.tensor_name) != t.images:
@@ -330,6 +335,7 @@ def _translate(module: legacy_format.LegacyModule,
     for key, out in sorted(other.outputs.items()):
       count = len(t.layers)
       layer = t.translate(out.tensor_name)
+      outputs[f"{name}/{key}"] = layer
       if any(s.weights for s in t.layers[count:]):
         extras.append((f"{name}/{key}", layer))
   layers = list(t.layers)
@@ -351,6 +357,8 @@ def _translate(module: legacy_format.LegacyModule,
     needed.add(name)
     todo.extend(by_name[name].inputs)
   layers = [s for s in layers if s.name in needed]
+  outputs = {k: l for k, l in outputs.items() if l in needed}
+  outputs[f"{plan.signature}/{plan.output_key}"] = main
 
   # Every module variable the model reads belongs to exactly one layer.
   variables: dict[str, tuple[str, str]] = {}
@@ -430,7 +438,7 @@ def _translate(module: legacy_format.LegacyModule,
       variables=variables, regularization=regularization,
       regularization_losses=list(variant.regularization_losses),
       loss_variables=loss_variables, frozen_batch_norm=frozen,
-      momentum_hparam=hparam)
+      momentum_hparam=hparam, outputs=outputs)
 
 
 def regularizer_argument(spec: LayerSpec, weight: str) -> str:
