@@ -204,6 +204,8 @@ class _Translator:
       raise Refusal(node.name, node.op, "some of its weights are trainable in "
                     "the module and others not")
     self.updates.update(match.updates)
+    if match.parts:
+      return self._emit_parts(node, match, name, inputs[0])
     spec = LayerSpec(
         name=name, cls=match.cls, config=match.config, inputs=inputs,
         weights=dict(match.weights), source=node.name,
@@ -212,6 +214,20 @@ class _Translator:
         trainable=flags != {False})
     self.layers.append(spec)
     self.ranks[name] = spec.rank
+    return name
+
+  def _emit_parts(self, node, match: Match, name: str, x: str) -> str:
+    """The layers of a node that becomes several (`Match.parts`): each named
+    `<name>__<suffix>`, the last one `name`."""
+    names = {"": x}
+    for i, (suffix, cls, config, inputs) in enumerate(match.parts):
+      last = i == len(match.parts) - 1
+      names[suffix] = name if last else f"{name}__{suffix}"
+      self.layers.append(LayerSpec(
+          name=names[suffix], cls=cls, config=config,
+          inputs=tuple(names[j] for j in inputs), source=node.name,
+          pattern=match.pattern, rank=self.ranks[x]))
+      self.ranks[names[suffix]] = self.ranks[x]
     return name
 
 

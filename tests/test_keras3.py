@@ -15,6 +15,7 @@ model; FakeQuant modules are refused before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -336,6 +337,53 @@ def test_full_size_module(name, tmp_path):
   result = keras_convert.convert_keras(src, str(tmp_path / f"{name}.keras"))
   print(result.parity.format_table())
   assert result.parity.passed, result.parity.format_table()
+
+
+def test_uneven_average_pool_is_exact():
+  """TF's AvgPool with SAME padding averages over the input values only. Where
+  the padding is uneven (3x3 stride 2 on an even size), Keras 3.15's
+  AveragePooling2D('same') counts replicated edges on PyTorch; the pattern
+  `avg_pool_uneven` builds it of VALID pools instead. Translated and built
+  as a conversion does, against tf.nn.avg_pool2d at odd and even sizes (the
+  golden test runs nasnet_cell_droppath's on every backend); an input of
+  unknown size is refused, one whose padding is even everywhere is not."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from migrate import keras_build
+  from migrate import keras_patterns
+  from migrate import keras_translate
+  import keras
+
+  def pool_graph(shape, k, s):
+    with tf.Graph().as_default() as g:
+      x = tf.compat.v1.placeholder(tf.float32, shape, name="images")
+      tf.nn.avg_pool2d(x, k, s, "SAME", name="pool")
+    return keras_patterns.Graph(g.as_graph_def(add_shapes=True))
+
+  rng = np.random.default_rng(0)
+  for h, w in ((8, 8), (7, 10), (16, 9)):
+    for k, s in ((3, 2), (2, 1), (3, 1), (2, 2), (3, 3), (1, 2)):
+      t = keras_translate._Translator(pool_graph([None, h, w, 3], k, s),
+                                      "images:0", set())
+      out = t.translate("pool:0")
+      x = keras.Input((h, w, 3), name=keras_translate.INPUT)
+      y, _ = keras_side.wire([dataclasses.asdict(l) for l in t.layers], out, x,
+                             lambda spec, v: keras_build.make_layer(
+                                 keras_translate.LayerSpec(**spec), {})(v))
+      images = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+      want = tf.nn.avg_pool2d(images, k, s, "SAME").numpy()
+      have = keras.ops.convert_to_numpy(keras.Model(x, y)(images))
+      uneven = any(p.pattern == "avg_pool_uneven" for p in t.layers)
+      assert uneven == any((-(-n // s) - 1) * s + k - n > 0 and
+                           ((-(-n // s) - 1) * s + k - n) % 2 for n in (h, w)), (h, w, k, s)
+      np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{h}x{w}, pool {k}, stride {s}")
+  with pytest.raises(keras_patterns.Refusal, match="unknown size"):
+    keras_translate._Translator(pool_graph([None, None, None, 3], 3, 2),
+                                "images:0", set()).translate("pool:0")
+  t = keras_translate._Translator(pool_graph([None, None, None, 3], 3, 1),
+                                  "images:0", set())
+  t.translate("pool:0")
+  assert [(l.cls, l.config["padding"]) for l in t.layers] == [("AveragePooling2D", "same")]
 
 
 def test_readme_lists_every_pattern():
