@@ -229,6 +229,28 @@ def library_gradient(wrapper: tf.Operation) -> Callable:
   return gradient
 
 
+def mark_library_gradients(graph_def) -> list[tuple[str, str]]:
+  """Gives every IdentityN that `graph_rewrite.repair_gradients` added after a
+  library call (`LIBRARY_GRADIENT_ATTR`) a `_gradient_op_type` of its own, one
+  no gradient is registered under yet, in place. Returns (node name, gradient
+  name) pairs for `register_library_gradients`, once the graph is imported."""
+  marked = []
+  for node in graph_def.node:
+    if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
+      name = _unused_gradient_name()
+      node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
+      marked.append((node.name, name))
+  return marked
+
+
+def register_library_gradients(graph: tf.Graph,
+                               marked: Sequence[tuple[str, str]]) -> None:
+  """Registers `library_gradient` of each op that `mark_library_gradients`
+  marked, now imported into `graph`, under the name it was given."""
+  for node, name in marked:
+    tf.RegisterGradient(name)(library_gradient(graph.get_operation_by_name(node)))
+
+
 class _GraphIndex:
   """One MetaGraph's GraphDef, indexed once, cut into functions on demand.
 
@@ -291,13 +313,7 @@ class _GraphIndex:
             asset_nodes)
     roots = [legacy_format.node_name(r) for r in [*fetches, *ops]]
     sub, used = self._subgraph(roots, stop)
-    # (IdentityN node, the name its gradient is registered under)
-    library_gradients = []
-    for node in sub.node:
-      if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
-        name = _unused_gradient_name()
-        library_gradients.append((node.name, name))
-        node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
+    library_gradients = mark_library_gradients(sub)
     missing = sorted({legacy_format.node_name(k) for k in used} & self.handles -
                      set(self.variables))
     if missing:
@@ -320,11 +336,8 @@ class _GraphIndex:
       results = tf.compat.v1.import_graph_def(
           sub, input_map=input_map, name="",
           return_elements=[legacy_format.tensor_name(t) for t in fetches] +
-          [legacy_format.node_name(o) for o in ops] + [w[0] for w in library_gradients])
-      wrappers = results[len(fetches) + len(ops):]
-      for (_, name), wrapper in zip(library_gradients, wrappers):
-        tf.RegisterGradient(name)(library_gradient(wrapper))
-      results = results[:len(fetches) + len(ops)]
+          [legacy_format.node_name(o) for o in ops])
+      register_library_gradients(graph, library_gradients)
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:
         with tf.control_dependencies(updates):
@@ -349,6 +362,23 @@ def _not_differentiable(op_type: str) -> bool:
     return False
 
 
+def _inline_library_calls(graph_def, where: str):
+  """(graph_def with its calls of library functions by op type inlined, how
+  many there were). `(Stateful)PartitionedCall`s stay: every consumer runs them."""
+  library = {f.signature.name for f in graph_def.library.function}
+  select = lambda node: node.op not in graph_rewrite.CALL_OPS  # noqa: E731
+  calls = sum(1 for n in graph_def.node
+              if graph_rewrite.called_function(n, library) and select(n))
+  if not calls:
+    return graph_def, 0
+  try:
+    return graph_rewrite.inline_calls(graph_def, select), calls
+  except (ValueError, TypeError, KeyError, tf.errors.OpError) as e:
+    raise errors.CorruptModuleError(
+        f"{where}: expected library functions whose bodies can be inlined, found "
+        f"{type(e).__name__}: {errors.first_line(e)}") from None
+
+
 def _gradient_notes(repairs: Sequence[graph_rewrite.GradientRepairs]) -> list[str]:
   notes = []
   library = max((len(r.library) for r in repairs), default=0)
@@ -367,8 +397,18 @@ def _gradient_notes(repairs: Sequence[graph_rewrite.GradientRepairs]) -> list[st
         f"TF 2.x's tf.nn.swish) that hub.Module's export did not save, so not even "
         f"hub.Module could differentiate them. The converted model differentiates "
         f"the forward computation instead (for swish: the same values as its "
-        f"custom gradient).")
+        f"custom gradient), and verification compares its gradients with the "
+        f"analytic gradient of that forward computation in the module's graph.")
   return notes
+
+
+# The training-mode contract of a graph with random ops (README, "Verification").
+_STOCHASTIC_TRAINING_NOTE = (
+    "In training mode {what} depend on random ops (dropout, drop path, drop "
+    "connect), by design: two calls of obj(x, training=True) differ.{moving} "
+    "Deterministic, and verified against the module with the same random values "
+    "fed to both sides: the training output, the moving averages after a step and "
+    "the gradients, given those values; and every inference output.")
 
 
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
@@ -490,6 +530,16 @@ def build(module: legacy_format.LegacyModule,
         graph_defs[tags], graph_rewrite.has_gradient,
         f"{module.path} (tags {sorted(tags)})")
   notes.extend(_gradient_notes(repairs.values()))
+  if legacy_format.INFERENCE_TAGS in graph_defs:
+    graph_defs[legacy_format.INFERENCE_TAGS], inlined = _inline_library_calls(
+        graph_defs[legacy_format.INFERENCE_TAGS],
+        f"{module.path} (tags {sorted(legacy_format.INFERENCE_TAGS)})")
+    if inlined:
+      notes.append(
+          f"The serving functions compute the {inlined} calls of library functions "
+          f"(TF 1.x Defuns, e.g. swish) of the inference graph with the functions' "
+          f"bodies inlined, so that consumers that cannot call a function by its "
+          f"name (TFLite) run them; their gradients stay the library's.")
 
   # The train graph: the chosen output, maybe without its output dropout.
   removed = kept = None
@@ -516,9 +566,14 @@ def build(module: legacy_format.LegacyModule,
           f"'{match.output_node}'); kept as asked (--keep_output_dropout), "
           f"against the image feature vector API.")
     train_random = graph_rewrite.depends_on_random(train_def, train_output)
-    if train_random and kept is None:
-      notes.append("In training mode the output depends on random ops "
-                   "(e.g. dropout before the logits).")
+    updates_random = graph_rewrite.depends_on_random(train_def,
+                                                     module.train.update_ops)
+    if (train_random and kept is None) or updates_random:
+      notes.append(_STOCHASTIC_TRAINING_NOTE.format(
+          what="the output" + (" and the moving averages" if updates_random else ""),
+          moving=(" The moving averages depend on them too: the random ops come "
+                  "before batch norms (drop path, drop connect)."
+                  if updates_random else "")))
   else:
     notes.append("The module has no train graph: training=True computes the "
                  "same as inference and updates nothing.")

@@ -10,6 +10,9 @@ rewrite is never half-applied.
   that `import_graph_def(input_map=...)` can feed them a shared handle.
 - `bypass_output_dropout`: an output that is computed through dropout in the
   train graph is recomputed from the dropout's input.
+- `inline_calls`: calls of library functions (by op type, as TF 1.x's
+  `Defun`s are called, or through `(Stateful)PartitionedCall`) replaced by
+  the functions' bodies.
 - `repair_gradients`: gradients that a module's graph names but does not hold
   in a form TF2 can save. A call of a function whose gradient is another
   library function (`library.gradient`, as TF 1.x's `tf.nn.swish`) gets an
@@ -22,13 +25,16 @@ rewrite is never half-applied.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from typing import Callable, Optional
+from typing import Callable, Container, Iterator, Optional, Sequence
 
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.core.framework import types_pb2
+from tensorflow.python.framework import function_def_to_graph
+from tensorflow.python.framework import importer
 from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
 from migrate import errors
@@ -238,8 +244,12 @@ def find_output_dropout(graph_def: graph_pb2.GraphDef,
   return None
 
 
-def depends_on_random(graph_def: graph_pb2.GraphDef, tensor: str) -> bool:
-  return legacy_format.node_name(tensor) in _random_dependent(graph_def)
+def depends_on_random(graph_def: graph_pb2.GraphDef,
+                      tensors: str | Sequence[str]) -> bool:
+  """Whether the tensor (or any of the tensors or ops) depends on a random op."""
+  dependent = _random_dependent(graph_def)
+  names = [tensors] if isinstance(tensors, str) else tensors
+  return any(legacy_format.node_name(t) in dependent for t in names)
 
 
 def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
@@ -263,6 +273,114 @@ def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
     port = output_tensor.split(":")[1] if ":" in output_tensor else "0"
     return out, f"{source.split(':')[0]}:{port}"
   return out, source
+
+
+# -- function calls ---------------------------------------------------------
+
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
+def called_function(node: node_def_pb2.NodeDef, library: Container[str]
+                    ) -> Optional[str]:
+  """The function of `library` (its names) that `node` calls, by op type or
+  through a call op, if any."""
+  if node.op in CALL_OPS:
+    name = node.attr["f"].func.name if "f" in node.attr else ""  # (Reading inserts.)
+    return name if name in library else None
+  return node.op if node.op in library else None
+
+
+@contextlib.contextmanager
+def _library_graph(graph_def: graph_pb2.GraphDef) -> Iterator[None]:
+  """A default graph that holds `graph_def`'s function library: converting a
+  FunctionDef whose nodes call library functions by op type needs their
+  signatures (`function_def_to_graph_def` looks them up there)."""
+  graph = tf_ops.Graph()
+  library = graph_pb2.GraphDef()
+  library.versions.CopyFrom(graph_def.versions)
+  library.library.CopyFrom(graph_def.library)
+  with graph.as_default():
+    importer.import_graph_def(library, name="")
+    yield
+
+
+def _inline_prefix(call: str, body: graph_pb2.GraphDef, taken: set[str]) -> str:
+  """`<call>/`, or `<call>/inlined_<k>/` if a body node would take a name the
+  graph already has."""
+  prefix, k = call + "/", 0
+  while any(prefix + b.name in taken for b in body.node):
+    k += 1
+    prefix = f"{call}/inlined_{k}/"
+  return prefix
+
+
+def inline_calls(graph_def: graph_pb2.GraphDef,
+                 select: Callable[[node_def_pb2.NodeDef], bool] = lambda node: True
+                 ) -> graph_pb2.GraphDef:
+  """A copy of `graph_def` with the calls of library functions that `select`
+  accepts replaced by the functions' bodies, calls in those bodies too.
+
+  A call is a node whose op type names a library function (how TF 1.x's
+  `Defun`s are called; a SavedModel shows it as `LegacyCall`) or a
+  `(Stateful)PartitionedCall`. The call node becomes an `IdentityN` over the
+  function's results (with control inputs on its control outputs, a `NoOp` if
+  it has no results), so that consumers keep their inputs; the body's nodes are
+  named `<call>/<node>`. Functions with attributes of their own (polymorphic)
+  are left called.
+  """
+  library = {f.signature.name: f for f in graph_def.library.function}
+  out = graph_pb2.GraphDef()
+  out.versions.CopyFrom(graph_def.versions)
+  out.library.CopyFrom(graph_def.library)
+  taken = {n.name for n in graph_def.node}
+  with _library_graph(graph_def) if library else contextlib.nullcontext():
+    queue = list(graph_def.node)
+    while queue:
+      node = queue.pop(0)
+      fname = called_function(node, library)
+      if fname is None or library[fname].signature.attr or not select(node):
+        out.node.add().CopyFrom(node)
+        continue
+      fdef = library[fname]
+      body, flat = function_def_to_graph.function_def_to_graph_def(fdef)
+      prefix = _inline_prefix(node.name, body, taken)
+      data_inputs = [i for i in node.input if not i.startswith("^")]
+      control_inputs = [i for i in node.input if i.startswith("^")]
+      args = dict(zip((a.name for a in fdef.signature.input_arg), data_inputs))
+
+      def remap(ref: str, args=args, prefix=prefix) -> str:
+        control = ref.startswith("^")
+        op = legacy_format.node_name(ref)
+        if op in args:
+          return "^" + legacy_format.node_name(args[op]) if control else args[op]
+        return ("^" if control else "") + prefix + ref.lstrip("^")
+
+      new_nodes = []
+      for b in body.node:
+        if b.name in args:
+          continue
+        copy = node_def_pb2.NodeDef()
+        copy.CopyFrom(b)
+        copy.name = prefix + b.name
+        taken.add(copy.name)
+        del copy.input[:]
+        copy.input.extend([remap(i) for i in b.input] + control_inputs)
+        new_nodes.append(copy)
+      rets = []
+      for arg in fdef.signature.output_arg:
+        ret = fdef.ret[arg.name]
+        rets.append(args[ret] if ret in args else remap(flat.get(ret, ret)))
+      result = node_def_pb2.NodeDef(name=node.name, device=node.device)
+      if rets:
+        result.op = "IdentityN"
+        result.attr["T"].list.type.extend(a.type for a in fdef.signature.output_arg)
+      else:
+        result.op = "NoOp"
+      result.input.extend(rets)
+      result.input.extend("^" + prefix + n for n in fdef.control_ret.values())
+      # `result` is no call: it is copied as it comes out of the queue.
+      queue = new_nodes + [result] + queue
+  return out
 
 
 # -- gradients --------------------------------------------------------------

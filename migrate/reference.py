@@ -8,15 +8,25 @@ assign op fed from the values read with `tf.train.load_checkpoint`, so
 
 This module deliberately shares no code with `migrate.build`: a bug in how the
 converter builds its functions must not be able to hide itself here. It only
-uses `legacy_format` (parsing) and `graph_rewrite.find_output_dropout` (to
-locate the dropout whose input the converter outputs instead).
+uses `legacy_format` (parsing), `graph_rewrite.find_output_dropout` (to
+locate the dropout whose input the converter outputs instead) and
+`graph_rewrite.repair_gradients` with `wrap_library_calls=False`: a custom
+gradient the module's export lost (TF 2.x's `tf.nn.swish`) cannot be taken
+by any Session, so both sides differentiate the forward computation it
+wraps; calls with a library gradient (TF 1.x's swish) are left to the
+Session, which differentiates them with it (`SymbolicGradient`).
+
+Random ops are never run (an unseeded one raises under op determinism, and
+its values would be the OS's): their outputs are fed seeded draws of their
+distribution, made in numpy from their inputs (shape, bounds), which the
+Session computes without running any random op.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -69,18 +79,23 @@ class _GraphSession:
     self.variant = variant
     self.graph = tf.compat.v1.Graph()
     where = f"{module.path} (tags {sorted(variant.tags)})"
+    graph_def, repairs = graph_rewrite.repair_gradients(
+        variant.graph_def, graph_rewrite.has_gradient, where,
+        wrap_library_calls=False)
+    # The IdentityN ops whose lost custom gradient `tf.gradients` replaces by
+    # that of their forward computation.
+    self.forward_gradients: tuple[str, ...] = repairs.forward
     with self.graph.as_default():
       input_map = {}
       for tensor, filename in variant.asset_files.items():
         path = os.path.join(module.path, "assets", filename)
         input_map[tensor] = tf.constant(path, name="reference_asset")
       try:
-        tf.compat.v1.import_graph_def(variant.graph_def, input_map=input_map,
-                                      name="")
+        tf.compat.v1.import_graph_def(graph_def, input_map=input_map, name="")
       except (ValueError, TypeError, KeyError) as e:
         raise errors.CorruptModuleError(
             f"{where}: expected an importable graph, found "
-            f"{type(e).__name__}: {e}") from None
+            f"{type(e).__name__}: {errors.first_line(e)}") from None
       self.var_ops = {op.name: op for op in self.graph.get_operations()
                       if op.type in _VARIABLE_OPS}
       trainable = {v.name for v in variant.variables if v.trainable}
@@ -142,6 +157,55 @@ class _GraphSession:
   def random_ops(self, roots: Sequence[tf.Operation]) -> list[tf.Operation]:
     return sorted((op for op in self.ancestors(roots) if op.type in RANDOM_OPS),
                   key=lambda op: op.name)
+
+  def _depends_on(self, targets: set[tf.Operation]
+                  ) -> Callable[[tf.Operation], bool]:
+    """A test whether an op's value (or its control inputs) depends on one of
+    `targets`, memoized over the graph (a loop's back edge counts as no)."""
+    memo: dict[tf.Operation, bool] = {}
+
+    def depends(start: tf.Operation) -> bool:
+      stack, entered = [(start, False)], set()
+      while stack:
+        op, expanded = stack.pop()
+        if op in memo:
+          continue
+        preds = [t.op for t in op.inputs] + list(op.control_inputs)
+        if op in targets:
+          memo[op] = True
+        elif expanded:
+          memo[op] = any(memo.get(p, False) for p in preds)
+        elif op not in entered:
+          entered.add(op)
+          stack.append((op, True))
+          stack.extend((p, False) for p in preds if p not in memo)
+      return memo[start]
+
+    return depends
+
+  def draw_random(self, ops: Sequence[tf.Operation],
+                  feed: Mapping[tf.Tensor, np.ndarray],
+                  rng: np.random.RandomState) -> dict[str, np.ndarray]:
+    """Seeded values for the random ops `ops` (`_draw`), none of them run.
+
+    Their inputs (shapes, bounds) are computed with `feed`; those that depend
+    on another random op (rare), one by one in the graph's order, with the
+    values drawn before fed.
+    """
+    feed = dict(feed)
+    depends = self._depends_on(set(ops))
+    needs_random = {op: any(depends(t.op) for t in op.inputs) for op in ops}
+    first = [op for op in ops if not needs_random[op]]
+    order = {op: i for i, op in enumerate(self.graph.get_operations())}
+    later = sorted((op for op in ops if needs_random[op]), key=order.get)
+    values = {}
+    rounds = [first] + [[op] for op in later]
+    for batch in rounds:
+      inputs = self.session.run([list(op.inputs) for op in batch], feed)
+      for op, args in zip(batch, inputs):
+        values[op.name] = _draw(op, args, rng)
+        feed[op.outputs[0]] = values[op.name]
+    return values
 
   def regularization(self) -> tuple[list[tf.Tensor], tf.Tensor]:
     if self._reg_total is None:
@@ -205,27 +269,41 @@ def session_config(optimize: bool) -> tf.compat.v1.ConfigProto:
   return config
 
 
-def _random_values(ops: Sequence[tf.Operation], drawn: Mapping[str, np.ndarray],
-                   rng: np.random.RandomState) -> dict[str, np.ndarray]:
-  """Seeded values with the distribution (and shape) of each random op."""
-  result = {}
-  for op in ops:
-    shape = drawn[op.name].shape
-    dtype = drawn[op.name].dtype
-    if op.type == "RandomUniform":
+def _draw(op: tf.Operation, inputs: Sequence[np.ndarray],
+          rng: np.random.RandomState) -> np.ndarray:
+  """A seeded draw of `op`'s distribution, from the values of its inputs."""
+  dtype = op.outputs[0].dtype.as_numpy_dtype
+  kind = op.type
+  if kind in ("RandomUniform", "RandomStandardNormal", "TruncatedNormal"):
+    shape = tuple(int(d) for d in inputs[0])
+    if kind == "RandomUniform":
       value = rng.uniform(0.0, 1.0, shape)
-    elif op.type == "RandomStandardNormal":
+    else:
       value = rng.standard_normal(shape)
-    elif op.type == "TruncatedNormal":
-      value = rng.standard_normal(shape)
-      bad = np.abs(value) > 2.0
-      while bad.any():
-        value[bad] = rng.standard_normal(int(bad.sum()))
+      while kind == "TruncatedNormal" and (np.abs(value) > 2.0).any():
         bad = np.abs(value) > 2.0
-    else:  # Another distribution: keep TF's own draw, fed to both sides.
-      value = drawn[op.name]
-    result[op.name] = np.asarray(value).astype(dtype)
-  return result
+        value[bad] = rng.standard_normal(int(bad.sum()))
+  elif kind == "RandomUniformInt":  # [minval, maxval)
+    shape = tuple(int(d) for d in inputs[0])
+    value = rng.randint(int(inputs[1]), int(inputs[2]), shape, dtype=np.int64)
+  elif kind == "RandomShuffle":  # Along the first dimension.
+    value = np.asarray(inputs[0])
+    value = value[rng.permutation(value.shape[0])] if value.ndim else value
+  elif kind == "Multinomial":  # logits [batch, classes], num_samples.
+    logits = np.asarray(inputs[0], np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    value = np.stack([rng.choice(p.shape[1], int(inputs[1]), p=row) for row in p])
+  elif kind == "RandomGamma":  # shape + alpha's shape.
+    alpha = np.asarray(inputs[1], np.float64)
+    value = rng.gamma(alpha, size=tuple(int(d) for d in inputs[0]) + alpha.shape)
+  elif kind in ("RandomPoisson", "RandomPoissonV2"):  # shape + rate's shape.
+    rate = np.asarray(inputs[1], np.float64)
+    value = rng.poisson(rate, size=tuple(int(d) for d in inputs[0]) + rate.shape)
+  else:
+    raise ValueError(f"random op '{op.name}' ({kind}): no seeded draw for its "
+                     f"distribution")
+  return np.asarray(value).astype(dtype)
 
 
 class ReferenceModule:
@@ -415,9 +493,7 @@ class ReferenceModule:
                            [t.op for t in grads.values()])
     if randoms:
       if random_feeds is None:
-        drawn = g.session.run({op.name: op.outputs[0] for op in randoms}, feed)
-        random_values = _random_values(randoms, drawn,
-                                       np.random.RandomState(seed))
+        random_values = g.draw_random(randoms, feed, np.random.RandomState(seed))
       else:
         missing = [op.name for op in randoms if op.name not in random_feeds]
         if missing:

@@ -76,12 +76,24 @@ __all__ = [
     "verify", "ParityReport", "Spec", "spec_for_plan", "reference_side",
     "Expected", "ExpectedStep", "Actual", "ActualStep", "ModuleFacts",
     "start_reference", "PendingReference", "converted_inference",
-    "METHOD_NONE", "METHOD_FED", "CheckResult",
+    "METHOD_NONE", "METHOD_FED", "METHOD_GRADIENTS", "CheckResult",
 ]
 
 METHOD_NONE = "none: the training path depends on no random op"
 METHOD_FED = ("fed: the random ops' outputs were fed the same seeded values "
               "in the TF1 Session and in an inlined copy of the TF2 function")
+METHOD_GRADIENTS = "the module's: tf.gradients in the TF1 Session"
+
+
+def method_for_forward_gradients(count: int) -> str:
+  """What the report says when `count` custom gradients were lost."""
+  return (f"forward computation: {count} custom gradients were lost by the "
+          f"module's export (tf.custom_gradient, e.g. TF 2.x's tf.nn.swish), so "
+          f"the gradient checks compare with the analytic gradient of the forward "
+          f"computation they wrap (tf.gradients in the TF1 Session), which the "
+          f"converted model differentiates; the rest are the module's")
+
+
 _HERE, _CHILD = "this process", "child process"
 
 
@@ -93,6 +105,7 @@ class ParityReport:
   new_path: str
   checks: list[CheckResult] = dataclasses.field(default_factory=list)
   method_for_random_ops: str = METHOD_NONE
+  method_for_gradients: str = METHOD_GRADIENTS
   warnings: list[str] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
   # Where each part ran: "this process" or "child process".
@@ -124,6 +137,8 @@ class ParityReport:
     line = (f"parity {'passed' if self.passed else 'FAILED'}: {ok}/"
             f"{len(self.checks)} checks in {self.seconds:.1f}s; random ops: "
             f"{self.method_for_random_ops.split(':')[0]}")
+    if self.method_for_gradients != METHOD_GRADIENTS:
+      line += f"; gradients: {self.method_for_gradients.split(':')[0]}"
     if self.first_failure is not None:
       line += f"; first failure: {self.first_failure}"
     return line
@@ -134,6 +149,7 @@ class ParityReport:
         "passed": self.passed,
         "first_failure": self.first_failure.name if self.first_failure else None,
         "method_for_random_ops": self.method_for_random_ops,
+        "method_for_gradients": self.method_for_gradients,
         "warnings": list(self.warnings), "seconds": round(self.seconds, 3),
         "processes": dict(self.processes),
         "checks": [c.to_dict() for c in self.checks]}, indent=1)
@@ -153,6 +169,7 @@ class ParityReport:
     for w in self.warnings:
       lines.append(f"warning: {w}")
     lines.append(f"random ops: {self.method_for_random_ops}")
+    lines.append(f"gradients: {self.method_for_gradients}")
     lines.append(f"{'PASSED' if self.passed else 'FAILED'}: "
                  f"{len(self.checks) - len(self.failures)}/{len(self.checks)} "
                  f"checks in {self.seconds:.1f}s")
@@ -270,12 +287,12 @@ def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = Non
 
 def _random_values(expected: Optional[Expected]
                    ) -> Optional[dict[str, dict[str, Any]]]:
-  """The random values of each training step the reference ran, or None if
-  the reference is not known yet."""
+  """The random values of each training step the reference ran (`{}` for a
+  step without random ops), or None if the reference is not known yet."""
   if expected is None:
     return None
   return {prefix: step.random_values for prefix, step in expected.steps.items()
-          if not step.error and step.random_values}
+          if not step.error}
 
 
 def _warnings(spec: Spec, expected: Expected, actual: Actual) -> list[str]:
@@ -357,5 +374,8 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
   report.checks = verify_checks.run_checks(spec, expected, actual, facts)
   report.warnings = _warnings(spec, expected, actual)
   report.method_for_random_ops = METHOD_FED if expected.random_ops else METHOD_NONE
+  if expected.forward_gradients:
+    report.method_for_gradients = method_for_forward_gradients(
+        len(expected.forward_gradients))
   report.seconds = time.monotonic() - start
   return report

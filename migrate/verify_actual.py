@@ -15,9 +15,11 @@ inference mode, the regularization losses) can run in another process,
 which holds its own copy of the variables. A training step is one path:
 `__call__(images, training=True, **hparams)` of the LOADED model under a
 `GradientTape` (the path `hub.KerasLayer(trainable=True)` takes), or, when
-the module's training path has random ops, the same with the reference's
-random values fed (`verify_random_ops.FedTrainFunction`). The variables a
-step changes are put back after it.
+the training function (or the module's training path) has random ops, the
+same with the reference's random values fed
+(`verify_random_ops.FedTrainFunction`): never unfed, as an unseeded random
+op raises under op determinism and a seeded one would draw other values
+than the module's. The variables a step changes are put back after it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class ActualStep:
   gradients: Optional[dict[str, np.ndarray]] = None  # The default step only.
   # How its random ops were fed (None: run without feeding any).
   random_ops: Optional[verify_random_ops.RandomOpsMatch] = None
+  # Not run yet: the training function has random ops, and the module's
+  # values for them were not known (`ConvertedModel.feed_random_ops` runs it).
+  waiting: bool = False
 
 
 @dataclasses.dataclass
@@ -94,6 +99,7 @@ class ConvertedModel:
     self.variables = {_var_name(v): v for v in model.variables}
     self.trainable = {_var_name(v): v for v in model.trainable_variables}
     self._saved: Optional[dict[str, np.ndarray]] = None
+    self._random_ops: dict[tuple[str, ...], list[str]] = {}
 
   @property
   def saved(self) -> dict[str, np.ndarray]:
@@ -168,45 +174,62 @@ class ConvertedModel:
                random_values: Optional[RandomValues] = None) -> Actual:
     """`actual` with every training step of `verify_spec.train_steps`.
 
-    `random_values` (step -> random op -> value, from `Expected.steps`)
-    are fed to the steps that have them; None if not known yet: every
-    step runs as saved, and `feed_random_ops` runs again those that needed
-    feeding.
+    `random_values` (step -> random op -> value, from `Expected.steps`;
+    `{}` for a step the module ran without random ops) are fed to the steps'
+    random ops; None if not known yet. A step whose training function has
+    random ops is run fed only: without its values it waits
+    (`ActualStep.waiting`) for `feed_random_ops`.
     """
-    steps = {prefix: self.train_step(prefix, values, (random_values or {}).get(prefix))
+    steps = {prefix: self.train_step(
+                 prefix, values,
+                 None if random_values is None else random_values.get(prefix))
              for prefix, values in verify_spec.train_steps(self.facts)}
     return dataclasses.replace(actual, steps=steps)
 
   def feed_random_ops(self, actual: Actual,
                       expected: verify_expected.Expected) -> Actual:
-    """`actual`, with the steps that ran before the reference's random
-    values were known run again with them fed."""
+    """`actual`, with the steps that waited for the module's random values
+    (or ran unfed while the module's step had random ops) run with them."""
     steps = dict(actual.steps)
     for prefix, values in verify_spec.train_steps(self.facts):
-      ref = expected.steps.get(prefix)
-      if (ref is not None and not ref.error and ref.random_values and
-          prefix in steps and steps[prefix].random_ops is None):
+      ref, step = expected.steps.get(prefix), steps.get(prefix)
+      if ref is None or ref.error or step is None:
+        continue
+      if step.waiting or (ref.random_values and step.random_ops is None):
         steps[prefix] = self.train_step(prefix, values, ref.random_values)
     return dataclasses.replace(actual, steps=steps)
+
+  def _training_random_ops(self, hparam_names: tuple[str, ...]) -> list[str]:
+    """The random ops of the saved training function for these hparams."""
+    if hparam_names not in self._random_ops:
+      self._random_ops[hparam_names] = verify_random_ops.random_ops(
+          verify_random_ops.training_function(self.model, list(hparam_names)))
+    return self._random_ops[hparam_names]
 
   def train_step(self, prefix: str, hparam_values: Mapping[str, float],
                  random_values: Optional[Mapping[str, np.ndarray]] = None
                  ) -> ActualStep:
-    """One training step (`random_values`, if any, fed to its random ops);
-    the gradients of `sum(output * probe)` for the default step only."""
+    """One training step, the gradients of `sum(output * probe)` for the
+    default step only. If the training function has random ops (or the
+    module's step had: `random_values`), it runs with them fed the module's
+    values; with `random_values` None (not known), it waits."""
     x = verify_spec.train_images(self.spec, self.facts)
     call: Callable = lambda images, **kw: self.model(images, training=True, **kw)
     match = None
-    if random_values:
-      try:
+    try:
+      has_random = bool(self._training_random_ops(tuple(sorted(hparam_values))))
+      if has_random and random_values is None:
+        return ActualStep(error="not run: the module's values for its random "
+                          "ops are not known", waiting=True)
+      if has_random or random_values:
         call = verify_random_ops.FedTrainFunction(
             verify_random_ops.training_function(self.model, list(hparam_values)),
-            random_values, x.shape)
-      except _RUN_ERRORS as e:
-        return ActualStep(error=verify_spec.error_text(e))
-      match = call.match
-      if not match.ok:
-        return ActualStep(random_ops=match)  # 'random_ops' fails; not run.
+            random_values or {}, x.shape)
+        match = call.match
+    except _RUN_ERRORS as e:
+      return ActualStep(error=verify_spec.error_text(e))
+    if match is not None and not match.ok:
+      return ActualStep(random_ops=match)  # 'random_ops' fails; not run.
     step = self._run_step(call, x, hparam_values, with_gradients=prefix == "train")
     step.random_ops = match
     return step

@@ -43,6 +43,9 @@ class Expected:
   outputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   output_dropout: str = ""  # The train graph's output dropout node, if any.
   random_ops: list[str] = dataclasses.field(default_factory=list)
+  # IdentityN ops of the graph the steps ran whose custom gradient the
+  # module's export lost: the gradients are those of their forward computation.
+  forward_gradients: list[str] = dataclasses.field(default_factory=list)
   steps: dict[str, ExpectedStep] = dataclasses.field(default_factory=dict)
   regularization: tuple[list[float], float] = dataclasses.field(
       default_factory=lambda: ([], 0.0))  # (each loss, their total)
@@ -100,6 +103,7 @@ def _training(ref: reference_lib.ReferenceModule, spec: Spec,
     return  # The check 'train/output_dropout' fails.
   steps = verify_spec.train_steps(facts)
   x = verify_spec.train_images(spec, facts)
+  expected.forward_gradients = list(ref.graph(ref.train_tags()).forward_gradients)
   try:
     expected.random_ops = ref.train_random_ops(sig_name, key,
                                                bypass_output_dropout=bypass)

@@ -4,11 +4,16 @@ Random ops on the training path (dropout before the logits, drop path) are
 fed the same seeded values on both sides: in the reference Session by
 feeding their outputs (`reference.ReferenceModule.train_step`), and here in
 a copy of the saved training function whose calls are inlined into one
-graph, re-imported with `input_map` sending the random ops' outputs to the
-values and its captured inputs to the loaded variables. The copy reads and
-updates the loaded model's variables, so a training step through it is the
-same step as through `__call__`, differentiated the same way
-(`verify_actual`).
+graph (`graph_rewrite.inline_calls`), re-imported with `input_map` sending
+the random ops' outputs to the values and its captured inputs to the loaded
+variables. The copy reads and updates the loaded model's variables, so a
+training step through it is the same step as through `__call__`,
+differentiated the same way (`verify_actual`): the library gradients of
+TF 1.x Defuns (swish) are registered for the copy's own wrappers
+(`build.library_gradient`), as the converter registered them for the saved
+function. A training function with random ops is never run unfed: with op
+determinism on, an unseeded random op raises (`random_ops` says whether
+there are any).
 """
 
 from __future__ import annotations
@@ -18,73 +23,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import function_def_to_graph
 
-from migrate import legacy_format
+from migrate import build
+from migrate import graph_rewrite
 from migrate import reference as reference_lib
 
-_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
-
-def inline_calls(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-  """A copy of `graph_def` with every (Stateful)PartitionedCall inlined.
-
-  The call node becomes an `IdentityN` over the function's results (with
-  control inputs on its control outputs), so that consumers keep their
-  inputs; the body's nodes are named `<call>/<node>`.
-  """
-  library = {f.signature.name: f for f in graph_def.library.function}
-  out = graph_pb2.GraphDef()
-  out.versions.CopyFrom(graph_def.versions)
-  out.library.CopyFrom(graph_def.library)
-  queue = list(graph_def.node)
-  while queue:
-    node = queue.pop(0)
-    fname = node.attr["f"].func.name if node.op in _CALL_OPS else ""
-    if fname not in library:
-      out.node.add().CopyFrom(node)
-      continue
-    fdef = library[fname]
-    body, flat = function_def_to_graph.function_def_to_graph_def(fdef)
-    prefix = node.name + "/"
-    data_inputs = [i for i in node.input if not i.startswith("^")]
-    control_inputs = [i for i in node.input if i.startswith("^")]
-    args = dict(zip((a.name for a in fdef.signature.input_arg), data_inputs))
-
-    def remap(ref: str, args=args, prefix=prefix) -> str:
-      control = ref.startswith("^")
-      op = legacy_format.node_name(ref)
-      if op in args:
-        return "^" + legacy_format.node_name(args[op]) if control else args[op]
-      return ("^" if control else "") + prefix + ref.lstrip("^")
-
-    new_nodes = []
-    for b in body.node:
-      if b.name in args:
-        continue
-      copy = graph_pb2.GraphDef().node.add()
-      copy.CopyFrom(b)
-      copy.name = prefix + b.name
-      del copy.input[:]
-      copy.input.extend([remap(i) for i in b.input] + control_inputs)
-      new_nodes.append(copy)
-    rets = []
-    for arg in fdef.signature.output_arg:
-      ret = fdef.ret[arg.name]
-      rets.append(args[ret] if ret in args else remap(flat.get(ret, ret)))
-    result = graph_pb2.GraphDef().node.add()
-    result.name = node.name
-    if rets:
-      result.op = "IdentityN"
-      result.attr["T"].list.type.extend(a.type for a in fdef.signature.output_arg)
-    else:
-      result.op = "NoOp"
-    result.input.extend(rets)
-    result.input.extend("^" + prefix + n for n in fdef.control_ret.values())
-    queue = new_nodes + [result] + queue
-    # `result` is no call node: it is appended as it comes out of the queue.
-  return out
+def random_ops(concrete: Any) -> list[str]:
+  """The random ops of a saved function and the functions it calls (node names)."""
+  graph_def = concrete.graph.as_graph_def()
+  nodes = list(graph_def.node) + [n for f in graph_def.library.function
+                                  for n in f.node_def]
+  return sorted(n.name for n in nodes if n.op in reference_lib.RANDOM_OPS)
 
 
 def training_function(model: Any, hparam_names: Sequence[str]) -> Any:
@@ -123,7 +73,11 @@ class FedTrainFunction:
 
   def __init__(self, concrete: Any, random_values: Mapping[str, np.ndarray],
                images_shape: Sequence[int]):
-    graph_def = inline_calls(concrete.graph.as_graph_def())
+    graph_def = graph_rewrite.inline_calls(concrete.graph.as_graph_def())
+    # The gradients saved with the model for the library calls' wrappers read
+    # the tensors of the functions they were saved from: this copy registers
+    # its own (the wrappers still name their library gradient function).
+    library_gradients = build.mark_library_gradients(graph_def)
     randoms = [n.name for n in graph_def.node
                if n.op in reference_lib.RANDOM_OPS]
     self.match = RandomOpsMatch()
@@ -134,29 +88,44 @@ class FedTrainFunction:
       else:
         self.match.unmatched_reference.append(ref_name)
     self.match.unmatched_converted = sorted(set(randoms) - set(self.match.matched))
+    self.arg_names = [s.name for s in
+                      tf.nest.flatten(concrete.structured_input_signature)
+                      if isinstance(s, tf.TensorSpec)]
+    self._fn = None
+    if not self.match.ok:
+      return  # Not to be run: 'random_ops' fails.
+    # Each random op becomes a constant holding its value: an op that is
+    # merely bypassed would still run (a function keeps its stateful ops), and
+    # an unseeded one raises under op determinism.
+    for node in graph_def.node:
+      if node.name in self.match.matched:
+        value = np.asarray(random_values[self.match.matched[node.name]])
+        node.op = "Const"
+        del node.input[:]
+        node.attr.clear()
+        node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
     n_args = len(concrete.inputs) - len(concrete.captured_inputs)
     arg_names = [t.name for t in concrete.inputs[:n_args]]
     captures = list(zip(concrete.inputs[n_args:], concrete.captured_inputs))
     outputs = [t.name for t in concrete.outputs]
     specs = [tf.TensorSpec(t.shape, t.dtype) for t in concrete.inputs[:n_args]]
     specs[0] = tf.TensorSpec(images_shape, tf.float32)
-    matched = dict(self.match.matched)
 
     def fn(*args):
       graph = tf.compat.v1.get_default_graph()
       input_map = dict(zip(arg_names, args))
       for placeholder, value in captures:
         input_map[placeholder.name] = graph.capture(value)
-      for node, ref_name in matched.items():
-        input_map[node + ":0"] = tf.constant(random_values[ref_name])
-      return tf.compat.v1.import_graph_def(
+      results = tf.compat.v1.import_graph_def(
           graph_def, input_map=input_map, return_elements=outputs, name="")
+      build.register_library_gradients(graph, library_gradients)
+      return results
 
     self._fn = tf.compat.v1.wrap_function(fn, specs)
-    self.arg_names = [s.name for s in
-                      tf.nest.flatten(concrete.structured_input_signature)
-                      if isinstance(s, tf.TensorSpec)]
 
   def __call__(self, images, **hparams) -> tf.Tensor:
+    if self._fn is None:
+      raise ValueError(f"the random ops are not all matched: {self.match}")
     values = [images] + [hparams[n] for n in self.arg_names[1:]]
     return self._fn(*values)[0]

@@ -26,7 +26,7 @@ import pytest
 
 from migrate import batch
 from migrate import errors
-from tests.conftest import REPO, VERIFICATION_PENDING, convertible_fixture_names, module_path
+from tests.conftest import REPO, convertible_fixture_names, module_path
 
 SMALL = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
 TEMP_MARKS = (".migrate-tmp-", ".migrate-old-", ".tmp-")
@@ -195,8 +195,7 @@ def test_archive_extraction_is_safe(tmp_path):
 def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path):
   """The whole corpus + a truncated copy + the text module, via the CLI."""
   src, dst = tmp_path / "src", tmp_path / "dst"
-  # Fixtures whose verification is pending (conftest.VERIFICATION_PENDING) would fail here.
-  good = [n for n in convertible_fixture_names() if n not in VERIFICATION_PENDING]
+  good = convertible_fixture_names()
   for name in good:
     _copy_module(name, str(src / "corpus" / name))
   _copy_module("text_module", str(src / "corpus" / "text_module"))

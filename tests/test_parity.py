@@ -148,7 +148,7 @@ def _training_call(c: _Converted, sig: str, shape):
   return fed, len(fed.match.matched)
 
 
-@pytest.mark.parametrize("name", conftest.pending(NAMES, conftest.FED_COPY_PENDING))
+@pytest.mark.parametrize("name", NAMES)
 def test_training_step_matches_goldens(converted, name):
   c = converted(name)
   sig, key = c.text("source_signature"), c.text("source_output_key")
@@ -210,8 +210,7 @@ def test_regularization_total_matches_golden(converted, name):
                              "golden_regularization"))
 
 
-@pytest.mark.parametrize("name", conftest.pending(
-    [n for n in NAMES if conftest.golden_meta(n)["grad_signature"]], conftest.FED_COPY_PENDING))
+@pytest.mark.parametrize("name", [n for n in NAMES if conftest.golden_meta(n)["grad_signature"]])
 def test_gradient_norms_match_goldens(converted, name):
   meta = conftest.golden_meta(name)
   sig, key = meta["grad_signature"], meta["grad_output_key"]
@@ -238,7 +237,7 @@ def test_gradient_norms_match_goldens(converted, name):
                                   _tolerance(name, "golden_gradient_norms"), scale=scale))
 
 
-@pytest.mark.parametrize("name", conftest.pending(NAMES))
+@pytest.mark.parametrize("name", NAMES)
 def test_verify_passes(converted, name):
   c = converted(name)
   report = verify_lib.verify(conftest.module_path(name), c.path)
@@ -280,7 +279,7 @@ def test_tolerances_are_quantization_aware_only_for_fake_quant(convert_cached, n
         wanted.rtol, wanted.atol), check
 
 
-@pytest.mark.parametrize("name", conftest.pending(NAMES))
+@pytest.mark.parametrize("name", NAMES)
 def test_verify_passes_with_grappler_on(converted, name):
   # verify() runs both sides with Grappler off by default; the tolerance
   # table must hold for the graphs as Grappler rewrites them too, and the
