@@ -10,8 +10,9 @@ gradients of `sum(output * probe)`, and `model.losses`.
 Dropout draws random masks on every backend in its own way. For the training
 call, the model's layers are wired again (`fed_twin`) into a twin that shares
 them (same layers, same weights) but multiplies the input of each Dropout
-layer by the module's mask from the TF1 reference's draw (`dropout_multiplier`;
-the tests feed the goldens' draws the same way);
+layer by the module's mask, made from the random values the TF1 reference
+fed its random op (`dropout_multiplier`; the tests feed the goldens' draws
+the same way);
 what Keras's Dropout layer itself does is checked separately
 (`dropout_semantics`): its values are 0 or 1/(1-rate), its mask is shared
 along the noise shape's 1s, and it is the identity in inference.

@@ -410,6 +410,9 @@ def _translate(module: legacy_format.LegacyModule,
         f"Batch-norm momentum is the train graph's hyperparameter '{hparam}' "
         f"at its default ({', '.join(f'{m:.6g}' for m in momenta)}); a Keras "
         f"layer has a fixed momentum (set layer.momentum to change it).")
+  updating = [s for s in bn_layers if not frozen and "momentum" in s.config]
+  if updating:
+    notes.append(_moving_variance_note(g, updating))
   resolved = []
   for spec in layers:
     if spec.cls == "BatchNormalization":
@@ -455,6 +458,31 @@ def _translate(module: legacy_format.LegacyModule,
       regularization_losses=list(variant.regularization_losses),
       loss_variables=loss_variables, frozen_batch_norm=frozen,
       momentum_hparam=hparam, outputs=outputs)
+
+
+def _moving_variance_note(g: Graph, bn_layers: Sequence[LayerSpec]) -> str:
+  """What fine-tuning the model does to its moving variances unlike TF: Keras
+  3's BatchNormalization has no option for the unbiased update (see the
+  README); the smallest map at the module's fixed size, if it has one."""
+  note = (
+      "Moving variances: in training, Keras's BatchNormalization updates them "
+      "with the biased batch variance (divided by n), the module's fused "
+      "batch norm with the unbiased one (n - 1), n = batch size x height x "
+      "width of the layer's input; no built-in Keras layer computes the "
+      "latter. Each training step a moving variance grows by (1 - momentum) "
+      "x batch variance / (n - 1) less than in TF.")
+  smallest = None
+  for spec in bn_layers:
+    shape = g.static_shape(g.node(spec.source).input[0])
+    if shape is None or len(shape) != 4 or None in shape[1:3]:
+      return note
+    area = shape[1] * shape[2]
+    if smallest is None or area < smallest[0]:
+      smallest = (area, shape[1], shape[2], spec.source)
+  area, h, w, source = smallest
+  return note + (
+      f" The smallest map is {h}x{w} ('{source}'): with a batch of 32, "
+      f"1/(n - 1) = {1.0 / (32 * area - 1):.1e} there.")
 
 
 def regularizer_argument(spec: LayerSpec, weight: str) -> str:

@@ -17,8 +17,9 @@ What is compared, per backend:
   ran (and top-1/top-5 for classifiers);
 - one training call (`training=True`) on the reference's training images:
   its output, the variables it changed and their values (moving averages),
-  and the gradients of `sum(output * probe)`; dropout gets the module's
-  masks (`keras_side`), and Keras's Dropout is checked on its own;
+  and the gradients of `sum(output * probe)`; dropout, drop path and drop
+  connect get the module's masks, from the random values the TF1 Session
+  was fed (`keras_side.fed_twin`), and Keras's Dropout is checked on its own;
 - `model.losses` against the regularization losses: their count, each (by
   the variable it penalizes) and their total.
 
@@ -53,10 +54,10 @@ from migrate import verify as verify_lib
 from migrate import verify_spec
 
 METHOD_FED = (
-    "fed: the module's dropout masks (drawn in the TF1 Session) multiply the "
-    "inputs of the Keras model's Dropout layers in a twin of the model that "
-    "shares its layers and weights; Keras's own Dropout is checked for its "
-    "values, noise shape and inference identity")
+    "fed: the module's dropout masks (from the seeded random values the TF1 "
+    "Session was fed) multiply the inputs of the Keras model's Dropout layers "
+    "in a twin of the model that shares its layers and weights; Keras's own "
+    "Dropout is checked for its values, noise shape and inference identity")
 BESSEL_WARNING = (
     "moving variances: Keras 3's BatchNormalization updates them with the "
     "biased batch variance, TF's fused batch norm with the unbiased one "
