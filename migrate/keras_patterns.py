@@ -55,6 +55,11 @@ class Match:
   updates: tuple[str, ...] = ()
   mask: str = ""  # Dropout: how the module makes its mask (see `keras_side.dropout_multiplier`).
   pattern: str = ""  # Set by the walk: the `PATTERNS` entry.
+  # A node that becomes several layers: each part's (name suffix, class,
+  # config, inputs), where an input is "" for `inputs[0]` or an earlier
+  # part's suffix; the last part is the node's output. `cls` and `config`
+  # are then unused.
+  parts: tuple[tuple[str, str, dict, tuple[str, ...]], ...] = ()
 
 
 # -- the graph ------------------------------------------------------------------
@@ -144,6 +149,15 @@ class Graph:
       return {"Sub": np.subtract, "Add": np.add, "AddV2": np.add,
               "Mul": np.multiply, "RealDiv": np.divide}[node.op](a, b)
     return None
+
+  def static_shape(self, ref: str) -> Optional[tuple[Optional[int], ...]]:
+    """The shape the graph records for a tensor (its producer's
+    `_output_shapes`), None for an unknown dimension; None if not recorded."""
+    node = self.node(ref)
+    shapes = node.attr["_output_shapes"].list.shape if "_output_shapes" in node.attr else []
+    if port(ref) >= len(shapes) or shapes[port(ref)].unknown_rank:
+      return None
+    return tuple(d.size if d.size >= 0 else None for d in shapes[port(ref)].dim)
 
   def scalar(self, ref: str) -> Optional[float]:
     value = self.const(ref)
@@ -395,6 +409,78 @@ def _pool(g: Graph, node) -> Match:
   return Match(cls, dict(pool_size=_spatial(node, "ksize"),
                          strides=_spatial(node, "strides"),
                          padding=_padding(node)), [node.input[0]])
+
+
+def _same_padding(n: int, k: int, s: int) -> tuple[int, int]:
+  """TF's SAME padding (before, after) of a dimension of size n."""
+  total = max((-(-n // s) - 1) * s + k - n, 0)
+  return total // 2, total - total // 2
+
+
+def _windows(n: int, k: int, s: int) -> list[tuple[int, int, int, int]]:
+  """The SAME windows of one dimension, clipped to the input, as segments of
+  outputs with the same window size: (first input, last input + 1, window
+  size, number of outputs), in order."""
+  before, _ = _same_padding(n, k, s)
+  segments: list[list[int]] = []
+  for i in range(-(-n // s)):
+    lo, hi = max(i * s - before, 0), min(i * s - before + k, n)
+    last = segments[-1] if segments else None
+    if last and last[2] == hi - lo and lo == last[0] + last[3] * s:
+      last[1], last[3] = hi, last[3] + 1
+    else:
+      segments.append([lo, hi, hi - lo, 1])
+  return [tuple(seg) for seg in segments]
+
+
+def _avg_pool_uneven(g: Graph, node) -> Optional[Match]:
+  """AvgPool with SAME padding that is uneven (one more row or column after
+  than before: e.g. 3x3, stride 2, even size). TF averages over the input
+  values in each window, not the padding. Keras's AveragePooling2D('same')
+  does so on TensorFlow and JAX, but on PyTorch (Keras 3.15) pads unevenly
+  by replicating the edge and counts the copies. Built of VALID pools: for
+  each block of outputs whose clipped windows have one size, Cropping2D to
+  the inputs they read and AveragePooling2D(window, strides, 'valid'); the
+  blocks joined by Concatenate along the width, then the height. Exact on
+  every backend; needs the input's size (fixed-size modules)."""
+  if node.op != "AvgPool" or _padding(node) != "same":
+    return None
+  _nhwc(node)
+  ksize, strides = _spatial(node, "ksize"), _spatial(node, "strides")
+  shape = g.static_shape(node.input[0])
+  sizes = shape[1:3] if shape is not None and len(shape) == 4 else (None, None)
+  uneven = False
+  for n, k, s in zip(sizes, ksize, strides):
+    cases = [n] if n is not None else range(1, 2 * k * s + 1)
+    uneven |= any(a != b for a, b in (_same_padding(m, k, s) for m in cases))
+  if not uneven:
+    return None  # Even padding: AveragePooling2D('same') is exact everywhere.
+  if None in sizes:
+    raise Refusal(node.name, node.op, f"average pooling {ksize} with stride "
+                  f"{strides} and SAME padding on an input of unknown size: "
+                  f"the padding is uneven at some sizes, which Keras's "
+                  f"AveragePooling2D('same') counts on the PyTorch backend")
+  rows, cols = (_windows(n, k, s) for n, k, s in zip(sizes, ksize, strides))
+  parts: list[tuple[str, str, dict, tuple[str, ...]]] = []
+  row_parts = []
+  for r, (top, bottom, kh, _) in enumerate(rows):
+    col_parts = []
+    for c, (left, right, kw, _) in enumerate(cols):
+      x = ""
+      crop = [[top, sizes[0] - bottom], [left, sizes[1] - right]]
+      if any(any(v) for v in crop):
+        x = f"crop_{r}_{c}"
+        parts.append((x, "Cropping2D", dict(cropping=crop), ("",)))
+      parts.append((f"pool_{r}_{c}", "AveragePooling2D", dict(
+          pool_size=[kh, kw], strides=strides, padding="valid"), (x,)))
+      col_parts.append(f"pool_{r}_{c}")
+    if len(col_parts) > 1:
+      parts.append((f"row_{r}", "Concatenate", dict(axis=2), tuple(col_parts)))
+      col_parts = [f"row_{r}"]
+    row_parts.extend(col_parts)
+  if len(row_parts) > 1:
+    parts.append(("rows", "Concatenate", dict(axis=1), tuple(row_parts)))
+  return Match("", {}, [node.input[0]], parts=tuple(parts))
 
 
 def _global_pool(g: Graph, node) -> Optional[Match]:
@@ -661,6 +747,9 @@ PATTERNS: tuple[Pattern, ...] = (
     _p("activation", set(_ACTIVATIONS), _activation, "Activation(relu/relu6/sigmoid/...)"),
     _p("leaky_relu", {"LeakyRelu"}, _leaky_relu, "LeakyReLU(negative_slope)"),
     _p("softmax", {"Softmax"}, _softmax, "Softmax()"),
+    _p("avg_pool_uneven", {"AvgPool"}, _avg_pool_uneven,
+       "Cropping2D + AveragePooling2D('valid') per block of equal windows, "
+       "Concatenate"),
     _p("pool", {"MaxPool", "AvgPool"}, _pool, "MaxPooling2D / AveragePooling2D"),
     _p("global_pool", {"Mean", "Max"}, _global_pool,
        "GlobalAveragePooling2D / GlobalMaxPooling2D(keepdims)"),

@@ -8,9 +8,11 @@ batch tag, one training call's output, the variables it changed, the
 gradients of `sum(output * probe)`, and `model.losses`.
 
 Dropout draws random masks on every backend in its own way. For the training
-call, the model's layers are wired again (`wire`) into a twin that shares
+call, the model's layers are wired again (`fed_twin`) into a twin that shares
 them (same layers, same weights) but multiplies the input of each Dropout
-layer by the module's mask from the TF1 reference's draw (`dropout_multiplier`);
+layer by the module's mask, made from the random values the TF1 reference
+fed its random op (`dropout_multiplier`; the tests feed the goldens' draws
+the same way);
 what Keras's Dropout layer itself does is checked separately
 (`dropout_semantics`): its values are 0 or 1/(1-rate), its mask is shared
 along the noise shape's 1s, and it is the identity in inference.
@@ -85,25 +87,34 @@ def _numpy(keras, x) -> np.ndarray:
   return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def _weights(model, variables: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def weights_of(model, variables: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+  """Module variable -> the Keras variable holding it (`variables`: module
+  variable -> (layer, weight attribute), the plan's `variables`)."""
   return {var: getattr(model.get_layer(layer), weight)
           for var, (layer, weight) in variables.items()}
 
 
-def _twin(keras, model, request: Mapping[str, Any], images: np.ndarray
-          ) -> tuple[Any, list[np.ndarray], dict[str, int], list[str]]:
-  """(twin model, its inputs, BN layer -> values per channel in the call,
-  Dropout layers left random). The twin shares the model's layers; each
-  Dropout whose random op the reference drew is replaced by a product with
-  the module's mask."""
-  draws = request["random_values"]
+def fed_twin(keras, model, layers: Sequence[Mapping[str, Any]], output: str,
+             random_values: Mapping[str, np.ndarray], images: np.ndarray
+             ) -> tuple[Any, list[np.ndarray], dict[str, int], list[str]]:
+  """A twin of `model` for one training call with the module's random draws.
+
+  Returns (twin model, its inputs, BatchNormalization layer -> values per
+  channel it normalizes over in the call, Dropout layers left random). The
+  twin shares the model's layers (`layers`: the plan's, as dicts) from its
+  input to the layer `output`; each Dropout whose random op has a draw in
+  `random_values` (module op name -> the values its RandomUniform drew) is
+  replaced by a product with the module's mask (`dropout_multiplier`), fed
+  as an extra input. Verification feeds the TF1 Session's draws, the tests
+  the goldens'.
+  """
   x = keras.Input(batch_shape=images.shape, name=INPUT)
   inputs, feeds, unfed = [x], [images], []
 
   def call(spec, value):
     if spec["cls"] == "Dropout":
-      if spec["random_op"] in draws:
-        multiplier = dropout_multiplier(spec, draws[spec["random_op"]])
+      if spec["random_op"] in random_values:
+        multiplier = dropout_multiplier(spec, random_values[spec["random_op"]])
         m = keras.Input(batch_shape=multiplier.shape,
                         name=f"mask_{len(inputs)}")
         inputs.append(m)
@@ -112,24 +123,27 @@ def _twin(keras, model, request: Mapping[str, Any], images: np.ndarray
       unfed.append(spec["name"])
     return model.get_layer(spec["name"])(value)
 
-  out, values = wire(request["layers"], request["output"], x, call)
+  needed = _upstream(layers, output)
+  out, values = wire([s for s in layers if s["name"] in needed], output, x, call)
   counts = {}
-  for spec in request["layers"]:
-    if spec["cls"] == "BatchNormalization":
+  for spec in layers:
+    if spec["cls"] == "BatchNormalization" and spec["name"] in needed:
       shape = values[spec["inputs"][0]].shape
       counts[spec["name"]] = int(np.prod(shape[:-1]))
   return keras.Model(inputs, out), feeds, counts, unfed
 
 
-def batch_norm_counts(keras, model, shape: Sequence[int]) -> dict[str, int]:
-  """BatchNormalization layer -> values per channel it normalizes over when
-  `model` is called on inputs of `shape` (symbolically: nothing runs)."""
-  layers = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
-  if not layers:
-    return {}
-  probe = keras.Model(model.inputs, [l.input for l in layers])
-  specs = probe.compute_output_spec(keras.KerasTensor(tuple(shape)))
-  return {l.name: int(np.prod(s.shape[:-1])) for l, s in zip(layers, specs)}
+def _upstream(layers: Sequence[Mapping[str, Any]], output: str) -> set[str]:
+  """The names of `output` and of the layers it is computed from."""
+  by_name = {s["name"]: s for s in layers}
+  needed, todo = set(), [output]
+  while todo:
+    name = todo.pop()
+    if name in needed or name not in by_name:
+      continue
+    needed.add(name)
+    todo.extend(by_name[name]["inputs"])
+  return needed
 
 
 def train_call(backend: str, keras, twin, feeds: Any,
@@ -173,6 +187,28 @@ def train_call(backend: str, keras, twin, feeds: Any,
     grads = [v.value.grad for v in trainable]
     return _numpy(keras, out), [None if g is None else _numpy(keras, g) for g in grads]
   raise ValueError(f"unknown Keras backend {backend}")
+
+
+def fed_training_call(backend: str, keras, model,
+                      layers: Sequence[Mapping[str, Any]], output: str,
+                      random_values: Mapping[str, np.ndarray], images: np.ndarray,
+                      weights: Mapping[str, Any], probe: Optional[np.ndarray] = None
+                      ) -> dict[str, Any]:
+  """One training call of `model` up to the layer `output`, its Dropout fed
+  `random_values` (`fed_twin`), with its moving averages updated. Returns the
+  output, the gradients of sum(output * probe) by module variable
+  (`weights`: module variable -> Keras variable; none without a probe), the
+  values per channel of each batch norm, and the Dropout layers left random."""
+  twin, feeds, counts, unfed = fed_twin(keras, model, layers, output,
+                                        random_values, images)
+  if probe is not None:
+    probe = np.reshape(probe, (-1,) + tuple(twin.outputs[0].shape[1:]))
+  out, grads = train_call(backend, keras, twin, feeds, probe)
+  by_id = {id(v): var for var, v in weights.items()}
+  gradients = {by_id[id(v)]: g for v, g in zip(twin.trainable_variables, grads)
+               if g is not None and id(v) in by_id} if probe is not None else {}
+  return {"output": out, "gradients": gradients, "counts": counts,
+          "unfed": unfed}
 
 
 def inference(backend: str, keras, model) -> Callable[[np.ndarray], np.ndarray]:
@@ -269,7 +305,7 @@ def produce(backend: str, path: str, request: Mapping[str, Any]) -> dict[str, An
   if result["structure"]:
     result["seconds"] = time.monotonic() - start
     return result
-  weights = _weights(model, request["variables"])
+  weights = weights_of(model, request["variables"])
   result["variables"] = {var: _numpy(keras, v) for var, v in weights.items()}
   result["trainable"] = sorted(var for var, v in weights.items() if v.trainable)
   infer = inference(backend, keras, model)
@@ -280,20 +316,17 @@ def produce(backend: str, path: str, request: Mapping[str, Any]) -> dict[str, An
   result["losses_total"] = float(sum(float(_numpy(keras, l)) for l in losses))
   result["dropout"] = dropout_semantics(keras, model, request["layers"])
   if request.get("train_images") is not None:
-    twin, feeds, counts, unfed = _twin(keras, model, request,
-                                       request["train_images"])
-    by_id = {id(v): var for var, v in weights.items()}
     before = result["variables"]
-    out, grads = train_call(backend, keras, twin, feeds, request["probe"])
+    step = fed_training_call(backend, keras, model, request["layers"],
+                             request["output"], request["random_values"],
+                             request["train_images"], weights, request["probe"])
     after = {var: _numpy(keras, v) for var, v in weights.items()}
-    result["train_output"] = out
+    result["train_output"] = step["output"]
     result["changed"] = {var: value for var, value in after.items()
                          if not np.array_equal(value, before[var])}
-    result["gradients"] = {by_id[id(v)]: g for v, g in
-                           zip(twin.trainable_variables, grads)
-                           if g is not None and id(v) in by_id}
-    result["batch_norm_counts"] = counts
-    result["unfed_dropout"] = unfed
+    result["gradients"] = step["gradients"]
+    result["batch_norm_counts"] = step["counts"]
+    result["unfed_dropout"] = step["unfed"]
   result["seconds"] = time.monotonic() - start
   return result
 

@@ -101,6 +101,10 @@ class KerasPlan:
   loss_variables: list[str]  # The variable of each of those losses.
   frozen_batch_norm: bool  # Batch norm runs in inference mode even in training.
   momentum_hparam: str = ""  # The hyperparameter the momentum defaults from.
+  # "signature/key" -> the layer computing that output of the module, for
+  # every output of its image signatures that the model holds (e.g. the
+  # classifier's logits beside a feature vector).
+  outputs: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def layer(self, name: str) -> LayerSpec:
     for spec in self.layers:
@@ -200,6 +204,8 @@ class _Translator:
       raise Refusal(node.name, node.op, "some of its weights are trainable in "
                     "the module and others not")
     self.updates.update(match.updates)
+    if match.parts:
+      return self._emit_parts(node, match, name, inputs[0])
     spec = LayerSpec(
         name=name, cls=match.cls, config=match.config, inputs=inputs,
         weights=dict(match.weights), source=node.name,
@@ -208,6 +214,20 @@ class _Translator:
         trainable=flags != {False})
     self.layers.append(spec)
     self.ranks[name] = spec.rank
+    return name
+
+  def _emit_parts(self, node, match: Match, name: str, x: str) -> str:
+    """The layers of a node that becomes several (`Match.parts`): each named
+    `<name>__<suffix>`, the last one `name`."""
+    names = {"": x}
+    for i, (suffix, cls, config, inputs) in enumerate(match.parts):
+      last = i == len(match.parts) - 1
+      names[suffix] = name if last else f"{name}__{suffix}"
+      self.layers.append(LayerSpec(
+          name=names[suffix], cls=cls, config=config,
+          inputs=tuple(names[j] for j in inputs), source=node.name,
+          pattern=match.pattern, rank=self.ranks[x]))
+      self.ranks[names[suffix]] = self.ranks[x]
     return name
 
 
@@ -323,6 +343,7 @@ def _translate(module: legacy_format.LegacyModule,
   # The other outputs of the image signatures: their layers join the model
   # when they hold variables that the chosen output does not read.
   extras: list[tuple[str, str]] = []
+  outputs: dict[str, str] = {}
   for name, other in sorted(variant.signatures.items()):
     info = other.inputs.get(plan_lib.IMAGES_INPUT)
     if info is None or tensor_key(info.tensor_name) != t.images:
@@ -330,6 +351,7 @@ def _translate(module: legacy_format.LegacyModule,
     for key, out in sorted(other.outputs.items()):
       count = len(t.layers)
       layer = t.translate(out.tensor_name)
+      outputs[f"{name}/{key}"] = layer
       if any(s.weights for s in t.layers[count:]):
         extras.append((f"{name}/{key}", layer))
   layers = list(t.layers)
@@ -351,6 +373,8 @@ def _translate(module: legacy_format.LegacyModule,
     needed.add(name)
     todo.extend(by_name[name].inputs)
   layers = [s for s in layers if s.name in needed]
+  outputs = {k: l for k, l in outputs.items() if l in needed}
+  outputs[f"{plan.signature}/{plan.output_key}"] = main
 
   # Every module variable the model reads belongs to exactly one layer.
   variables: dict[str, tuple[str, str]] = {}
@@ -386,6 +410,9 @@ def _translate(module: legacy_format.LegacyModule,
         f"Batch-norm momentum is the train graph's hyperparameter '{hparam}' "
         f"at its default ({', '.join(f'{m:.6g}' for m in momenta)}); a Keras "
         f"layer has a fixed momentum (set layer.momentum to change it).")
+  updating = [s for s in bn_layers if not frozen and "momentum" in s.config]
+  if updating:
+    notes.append(_moving_variance_note(g, updating))
   resolved = []
   for spec in layers:
     if spec.cls == "BatchNormalization":
@@ -430,7 +457,32 @@ def _translate(module: legacy_format.LegacyModule,
       variables=variables, regularization=regularization,
       regularization_losses=list(variant.regularization_losses),
       loss_variables=loss_variables, frozen_batch_norm=frozen,
-      momentum_hparam=hparam)
+      momentum_hparam=hparam, outputs=outputs)
+
+
+def _moving_variance_note(g: Graph, bn_layers: Sequence[LayerSpec]) -> str:
+  """What fine-tuning the model does to its moving variances unlike TF: Keras
+  3's BatchNormalization has no option for the unbiased update (see the
+  README); the smallest map at the module's fixed size, if it has one."""
+  note = (
+      "Moving variances: in training, Keras's BatchNormalization updates them "
+      "with the biased batch variance (divided by n), the module's fused "
+      "batch norm with the unbiased one (n - 1), n = batch size x height x "
+      "width of the layer's input; no built-in Keras layer computes the "
+      "latter. Each training step a moving variance grows by (1 - momentum) "
+      "x batch variance / (n - 1) less than in TF.")
+  smallest = None
+  for spec in bn_layers:
+    shape = g.static_shape(g.node(spec.source).input[0])
+    if shape is None or len(shape) != 4 or None in shape[1:3]:
+      return note
+    area = shape[1] * shape[2]
+    if smallest is None or area < smallest[0]:
+      smallest = (area, shape[1], shape[2], spec.source)
+  area, h, w, source = smallest
+  return note + (
+      f" The smallest map is {h}x{w} ('{source}'): with a batch of 32, "
+      f"1/(n - 1) = {1.0 / (32 * area - 1):.1e} there.")
 
 
 def regularizer_argument(spec: LayerSpec, weight: str) -> str:

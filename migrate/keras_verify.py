@@ -17,8 +17,9 @@ What is compared, per backend:
   ran (and top-1/top-5 for classifiers);
 - one training call (`training=True`) on the reference's training images:
   its output, the variables it changed and their values (moving averages),
-  and the gradients of `sum(output * probe)`; dropout gets the module's
-  masks (`keras_side`), and Keras's Dropout is checked on its own;
+  and the gradients of `sum(output * probe)`; dropout, drop path and drop
+  connect get the module's masks, from the random values the TF1 Session
+  was fed (`keras_side.fed_twin`), and Keras's Dropout is checked on its own;
 - `model.losses` against the regularization losses: their count, each (by
   the variable it penalizes) and their total.
 
@@ -50,13 +51,13 @@ from migrate import legacy_format
 from migrate import plan as plan_lib
 from migrate import reference as reference_lib
 from migrate import verify as verify_lib
+from migrate import verify_spec
 
-TRAIN_BATCH = 2  # As verify's training step.
 METHOD_FED = (
-    "fed: the module's dropout masks (drawn in the TF1 Session) multiply the "
-    "inputs of the Keras model's Dropout layers in a twin of the model that "
-    "shares its layers and weights; Keras's own Dropout is checked for its "
-    "values, noise shape and inference identity")
+    "fed: the module's dropout masks (from the seeded random values the TF1 "
+    "Session was fed) multiply the inputs of the Keras model's Dropout layers "
+    "in a twin of the model that shares its layers and weights; Keras's own "
+    "Dropout is checked for its values, noise shape and inference identity")
 BESSEL_WARNING = (
     "moving variances: Keras 3's BatchNormalization updates them with the "
     "biased batch variance, TF's fused batch norm with the unbiased one "
@@ -73,39 +74,24 @@ def spec_for_keras(module: legacy_format.LegacyModule,
                              hparams=())
 
 
-def _parse_tag(tag: str) -> tuple[int, int, int]:
-  batch, size = tag[1:].split("_")
-  h, w = size.split("x")
-  return int(batch), int(h), int(w)
-
-
-def _images(seed: int, purpose: int, batch: int, size: Sequence[int]) -> np.ndarray:
-  """The images verify feeds the reference for a batch tag (as verify._images)."""
-  rng = np.random.default_rng([seed, purpose, batch, size[0], size[1]])
-  return rng.uniform(0.0, 1.0, (batch, size[0], size[1], 3)).astype(np.float32)
-
-
-def keras_request(kplan: keras_translate.KerasPlan, expected: verify_lib.Expected
-                  ) -> dict[str, Any]:
-  """What `keras_side.produce` runs, as plain data (no TensorFlow objects)."""
-  seed = expected.spec.seed
-  images = {}
-  for tag in expected.outputs:
-    batch, h, w = _parse_tag(tag)
-    images[tag] = _images(seed, 0, batch, (h, w))
+def keras_request(kplan: keras_translate.KerasPlan, expected: verify_lib.Expected,
+                  facts: verify_spec.ModuleFacts) -> dict[str, Any]:
+  """What `keras_side.produce` runs, as plain data (no TensorFlow objects):
+  the inputs are `verify_spec`'s for the spec (`batch_tags`, `train_images`),
+  those the reference side ran and a SavedModel's verification runs."""
+  spec = expected.spec
   request: dict[str, Any] = {
       "layers": [dataclasses.asdict(s) for s in kplan.layers],
       "output": kplan.output,
       "variables": {k: list(v) for k, v in kplan.variables.items()},
-      "images": images, "train_images": None, "random_values": {},
-      "probe": None}
+      "images": {tag.name: tag.images(spec.seed)
+                 for tag in verify_spec.batch_tags(facts.call_sizes)},
+      "train_images": None, "random_values": {}, "probe": None}
   step = expected.steps.get("train")
   if step is not None and not step.error and step.output is not None:
-    sizes = {_parse_tag(t)[1:] for t in expected.outputs}
-    size = min(sizes, key=lambda s: s[0] * s[1])
-    request["train_images"] = _images(seed, 1, TRAIN_BATCH, size)
+    request["train_images"] = verify_spec.train_images(spec, facts)
     request["random_values"] = dict(step.random_values)
-    request["probe"] = reference_lib.probe_weights(seed, step.output.shape)
+    request["probe"] = reference_lib.probe_weights(spec.seed, step.output.shape)
   return request
 
 
@@ -201,7 +187,7 @@ def moving_expectation(kplan: keras_translate.KerasPlan, changed_ref: Mapping[st
 
 def check_backend(run: BackendRun, kplan: keras_translate.KerasPlan,
                   module: legacy_format.LegacyModule, spec: verify_lib.Spec,
-                  expected: verify_lib.Expected,
+                  facts: verify_spec.ModuleFacts, expected: verify_lib.Expected,
                   checkpoint: Mapping[str, np.ndarray],
                   report: verify_lib.ParityReport) -> None:
   """The checks of one backend's run against the reference, into `report`."""
@@ -234,14 +220,14 @@ def check_backend(run: BackendRun, kplan: keras_translate.KerasPlan,
 
   sig = module.inference.signatures[spec.signature]
   tensor = sig.outputs[spec.output_key].tensor_name
-  outputs = {tag: expected.outputs[tag][tensor] for tag in expected.outputs
-             if tensor in expected.outputs[tag]}
-  add(compare_lib.compare_many(f"call/inference[{b}]",
-                               {t: r["outputs"][t] for t in outputs}, outputs,
+  tags = {t.name: t for t in verify_spec.batch_tags(facts.call_sizes)}
+  outputs = {t: expected.outputs[t][tensor] for t in tags
+             if tensor in expected.outputs.get(t, {})}
+  add(compare_lib.compare_many(f"call/inference[{b}]", r["outputs"], outputs,
                                "keras_inference", scale=_largest(outputs.values())))
   conventions = [f"{t}: {o.dtype} {list(o.shape)}" for t, o in r["outputs"].items()
                  if o.dtype != np.float32 or o.ndim != 2 or
-                 o.shape[0] != _parse_tag(t)[0]]
+                 t not in tags or o.shape[0] != tags[t].batch]
   widths = {o.shape[-1] for o in r["outputs"].values()}
   add(compare_lib.check(
       f"call/image_api[{b}]", not conventions and len(widths) == 1,
@@ -364,13 +350,14 @@ def verify_keras(old_path: str, new_path: str, kplan: keras_translate.KerasPlan,
   if expected is None:
     expected = verify_lib.reference_side(old_path, spec, module=module)
   checkpoint = reference_lib.read_checkpoint(module)
-  request = keras_request(kplan, expected)
+  facts = verify_spec.module_facts(module, spec)
+  request = keras_request(kplan, expected, facts)
   if request["random_values"]:
     report.method_for_random_ops = METHOD_FED
   for run in run_backends(new_path, request, backends):
     report.processes[f"Keras model, {run.backend}"] = (
         f"child process (KERAS_BACKEND={run.backend})")
-    check_backend(run, kplan, module, spec, expected, checkpoint, report)
+    check_backend(run, kplan, module, spec, facts, expected, checkpoint, report)
   report.seconds = time.monotonic() - start
   return report
 

@@ -4,8 +4,10 @@ Against the goldens recorded by `hub.Module` (TF 2.15, graph mode), in a
 fresh process per Keras backend (KERAS_BACKEND fixed before Keras is
 imported), each loading the .keras files with `keras.saving.load_model(path,
 safe_mode=True)` and no custom objects: outputs at every recorded batch and
-resolution, one training call's output and moving averages, `model.losses`,
-and fine-tuning with `model.fit`. Backends that are not installed are
+resolution, one training call's output and moving averages and the gradients
+of the goldens' probe (the model's Dropout layers fed the random values
+hub.Module drew, as verification feeds the TF1 Session's: drop path feeds
+later batch norms), `model.losses`, and fine-tuning with `model.fit`. Backends that are not installed are
 skipped with the reason. The verification (`keras_verify`) runs on all
 backends through the CLI for one module, and is shown to fail on a tampered
 model; FakeQuant modules are refused before anything is written.
@@ -13,6 +15,7 @@ model; FakeQuant modules are refused before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -63,12 +66,26 @@ def keras_models(tmp_path_factory):
   return models
 
 
-def _golden_case(name: str, path: str) -> dict:
+def _golden_case(name: str, path: str, kplan) -> dict:
+  """What keras3_child.golden_run needs for one fixture: the goldens' images,
+  the random values hub.Module drew (fed to the model's Dropout layers as
+  verification feeds the TF1 Session's), and the probe of its gradients."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   meta, arrays = conftest.golden_meta(name), conftest.golden_arrays(name)
-  train = arrays[f"images/{meta['train_batch']}"] if meta["train_signatures"] else None
+  train_images = arrays[f"images/{meta['train_batch']}"]
+  # Seeded by the op's name: every signature's application drew the same values.
+  random_values = {op: arrays[f"train_random/{s}/{op}"]
+                   for s, ops in meta["random_ops"].items() for op in ops}
+  grad = f"{meta['grad_signature']}/{meta['grad_output_key']}"
   return {"name": name, "path": path,
           "images": {t: arrays[f"images/{t}"] for t in meta["batches"]},
-          "train": train, "fit": arrays[f"images/{meta['batches'][0]}"]}
+          "train": train_images if meta["train_signatures"] else None,
+          "fit": arrays[f"images/{meta['batches'][0]}"],
+          "layers": [dataclasses.asdict(s) for s in kplan.layers],
+          "output": kplan.output, "random_values": random_values,
+          "variables": {v: list(w) for v, w in kplan.variables.items()},
+          "grad_output": kplan.outputs.get(grad, "") if "grad_probe" in arrays else "",
+          "grad_images": train_images, "probe": arrays.get("grad_probe")}
 
 
 def _in_backend(backend: str, fn: str, *args):
@@ -84,7 +101,7 @@ def _in_backend(backend: str, fn: str, *args):
 def test_goldens_on_each_backend(backend, keras_models):
   """hub.Module's goldens, reproduced by each fixture's .keras file in a
   fresh process with KERAS_BACKEND=backend."""
-  cases = [_golden_case(n, p) for n, (p, _) in sorted(keras_models.items())]
+  cases = [_golden_case(n, p, k) for n, (p, k) in sorted(keras_models.items())]
   results = _in_backend(backend, "tests.keras3_child:golden_run", backend, cases)
   assert results["backend"] == backend
   failures, lines = [], []
@@ -100,11 +117,16 @@ def test_goldens_on_each_backend(backend, keras_models):
         "model.losses", np.float32(r["losses_total"]),
         golden["regularization_loss"], "golden_regularization"))
     if "train_output" in r:
-      expected = _golden_training_output(meta, golden, sig, key)
-      if expected is not None:
-        checks.append(compare.compare("training output", r["train_output"],
-                                      expected, "golden_training"))
+      checks.append(compare.compare("training output", r["train_output"],
+                                    _golden_training_output(golden, sig, key),
+                                    "golden_training"))
       checks.append(_moving_averages(kplan, r, golden))
+    if "gradients" in r:
+      checks.append(_gradient_norms(kplan, r, golden))
+    unfed = r.get("unfed", []) + r.get("grad_unfed", [])
+    checks.append(compare.check(
+        "fed", not unfed, f"Dropout layers drew their own masks: {unfed[:3]}"
+        if unfed else "every Dropout got the goldens' random values"))
     fit = r["fit"]
     moving = {p for p in fit["moving_averages"]}
     frozen = kplan.frozen_batch_norm
@@ -130,15 +152,26 @@ def _signature(kplan, meta) -> tuple[str, str]:
   return sig, ("default" if "default" in keys else keys[0])
 
 
-def _golden_training_output(meta, golden, sig, key):
-  """What the train graph output on the train batch, if deterministic: the
-  dropout's input where the converter removes an output dropout."""
+def _golden_training_output(golden, sig, key):
+  """What the train graph output on the train batch with the goldens' random
+  values: the dropout's input where the converter removes an output dropout."""
   nodrop = f"train_nodropout/{sig}/{key}"
-  if nodrop in golden:
-    return golden[nodrop]
-  if meta["random_ops"].get(sig):
-    return None
-  return golden.get(f"train/{sig}/{key}")
+  return golden[nodrop] if nodrop in golden else golden[f"train/{sig}/{key}"]
+
+
+def _gradient_norms(kplan, r, golden) -> compare.CheckResult:
+  """grad_norm/ (the goldens' gradients of sum(output * grad_probe) for the
+  gradient signature's output) against the Keras model's, per variable the
+  model trains (a module without a train graph has frozen batch norms)."""
+  trainable = {v for v, (layer, _) in kplan.variables.items()
+               if kplan.layer(layer).trainable}
+  expected = {n[len("grad_norm/"):]: v for n, v in golden.items()
+              if n.startswith("grad_norm/") and n[len("grad_norm/"):] in trainable}
+  actual = {v: np.float32(np.linalg.norm(g.astype(np.float64)))
+            for v, g in r["gradients"].items()}
+  return compare.compare_many(
+      "gradient norms", actual, expected, "golden_gradient_norms",
+      scale=max([float(v) for v in expected.values()] + [1e-30]))
 
 
 def _moving_averages(kplan, r, golden) -> compare.CheckResult:
@@ -304,6 +337,53 @@ def test_full_size_module(name, tmp_path):
   result = keras_convert.convert_keras(src, str(tmp_path / f"{name}.keras"))
   print(result.parity.format_table())
   assert result.parity.passed, result.parity.format_table()
+
+
+def test_uneven_average_pool_is_exact():
+  """TF's AvgPool with SAME padding averages over the input values only. Where
+  the padding is uneven (3x3 stride 2 on an even size), Keras 3.15's
+  AveragePooling2D('same') counts replicated edges on PyTorch; the pattern
+  `avg_pool_uneven` builds it of VALID pools instead. Translated and built
+  as a conversion does, against tf.nn.avg_pool2d at odd and even sizes (the
+  golden test runs nasnet_cell_droppath's on every backend); an input of
+  unknown size is refused, one whose padding is even everywhere is not."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from migrate import keras_build
+  from migrate import keras_patterns
+  from migrate import keras_translate
+  import keras
+
+  def pool_graph(shape, k, s):
+    with tf.Graph().as_default() as g:
+      x = tf.compat.v1.placeholder(tf.float32, shape, name="images")
+      tf.nn.avg_pool2d(x, k, s, "SAME", name="pool")
+    return keras_patterns.Graph(g.as_graph_def(add_shapes=True))
+
+  rng = np.random.default_rng(0)
+  for h, w in ((8, 8), (7, 10), (16, 9)):
+    for k, s in ((3, 2), (2, 1), (3, 1), (2, 2), (3, 3), (1, 2)):
+      t = keras_translate._Translator(pool_graph([None, h, w, 3], k, s),
+                                      "images:0", set())
+      out = t.translate("pool:0")
+      x = keras.Input((h, w, 3), name=keras_translate.INPUT)
+      y, _ = keras_side.wire([dataclasses.asdict(l) for l in t.layers], out, x,
+                             lambda spec, v: keras_build.make_layer(
+                                 keras_translate.LayerSpec(**spec), {})(v))
+      images = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+      want = tf.nn.avg_pool2d(images, k, s, "SAME").numpy()
+      have = keras.ops.convert_to_numpy(keras.Model(x, y)(images))
+      uneven = any(p.pattern == "avg_pool_uneven" for p in t.layers)
+      assert uneven == any((-(-n // s) - 1) * s + k - n > 0 and
+                           ((-(-n // s) - 1) * s + k - n) % 2 for n in (h, w)), (h, w, k, s)
+      np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{h}x{w}, pool {k}, stride {s}")
+  with pytest.raises(keras_patterns.Refusal, match="unknown size"):
+    keras_translate._Translator(pool_graph([None, None, None, 3], 3, 2),
+                                "images:0", set()).translate("pool:0")
+  t = keras_translate._Translator(pool_graph([None, None, None, 3], 3, 1),
+                                  "images:0", set())
+  t.translate("pool:0")
+  assert [(l.cls, l.config["padding"]) for l in t.layers] == [("AveragePooling2D", "same")]
 
 
 def test_readme_lists_every_pattern():
