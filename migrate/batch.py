@@ -99,12 +99,17 @@ class ConvertOptions:
   # keras_format.FORMAT_SAVEDMODEL, or FORMAT_KERAS: each DST is then
   # `<destination>.keras`, a native Keras 3 model (see `output_destinations`).
   output_format: str = keras_format.FORMAT_SAVEDMODEL
+  # The consumer runs of verification ("default" or "all": convert.convert).
+  consumers: str = "default"
 
   def fingerprint(self) -> dict[str, Any]:
-    """The options that change the output: a record is reused only if equal."""
+    """The options that change the output or what its verification proved:
+    a record is reused only if equal."""
     fp = {"signature": self.signature, "output_key": self.output_key,
           "keep_output_dropout": self.keep_output_dropout,
           "verify": self.verify, "allow_unsafe_ops": self.allow_unsafe_ops}
+    if self.verify:
+      fp["consumers"] = self.consumers
     if self.output_format != keras_format.FORMAT_SAVEDMODEL:
       fp["output_format"] = self.output_format  # (Older records: SavedModels.)
     return fp
@@ -852,7 +857,7 @@ class BatchRunner:
             "output_key": source.output_key or o.output_key,
             "keep_output_dropout": o.keep_output_dropout, "verify": o.verify,
             "keep_failed": o.keep_failed, "allow_unsafe_ops": o.allow_unsafe_ops,
-            "overwrite": overwrite,
+            "overwrite": overwrite, "consumers": o.consumers,
             # A batch keeps its cores busy with modules (--jobs), not with a
             # second process per module.
             "parallel_verify": False}

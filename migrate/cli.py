@@ -3,8 +3,9 @@
     migrate-hub-module SRC DST [--signature=] [--output_key=] [--overwrite]
                        [--keep_output_dropout] [--noverify] [--keep_failed]
                        [--report=FILE.json] [--allow_unsafe_ops]
+                       [--consumers=default|all]
     migrate-hub-module SRC DST.keras [...]   (a native Keras 3 model)
-    migrate-hub-module verify OLD NEW [--report=FILE.json]
+    migrate-hub-module verify OLD NEW [--report=FILE.json] [--consumers=default|all]
     migrate-hub-module batch SRC_ROOT DST_ROOT [--manifest=FILE.csv] [--jobs=N]
                        [--timeout=SECONDS] [--report=FILE.json,FILE.csv]
                        [--format=savedmodel|keras]
@@ -68,6 +69,14 @@ _MEMORY_LIMIT = flags.DEFINE_float(
     "3/4 of the machine's memory shared by the processes that run at once "
     "(2 per conversion, 1 per batch worker), at least 2 GiB; 0: no limit.",
     lower_bound=0)
+# The consumer runs of verification (migrate/consumers.py): keyword
+# `consumers` of convert.convert, convert.verify_existing, batch.ConvertOptions.
+_CONSUMERS = flags.DEFINE_enum(
+    "consumers", "default", ["default", "all"], "Which consumers of the "
+    "converted SavedModel verification runs it through, each compared with "
+    "the TF1 module: default the TF1 loader (saved_model_cli), the C API "
+    "loader (TF Serving's) and the Keras layers' inference; all also TFLite "
+    "and a Keras fit step through each layer (slower).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
                              "the traceback.")
 # Batch-only flags (migrate-hub-module batch).
@@ -246,7 +255,7 @@ def _convert(src: str, dst: str) -> int:
           overwrite=_OVERWRITE.value,
           keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
           verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
-          allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
+          allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value, consumers=_CONSUMERS.value)
     except errors.ParityError as e:
       if e.table:
         _print_out(e.table)
@@ -283,7 +292,7 @@ def _verify(old: str, new: str) -> int:
         "migrate.convert:verify_to_dict", old, new, what=old,
         timeout=_timeout_for(old), quiet=not _VERBOSE.value,
         memory_limit=_memory_limit(2), prestart=_reference_prestart(old),
-        allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
+        allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value, consumers=_CONSUMERS.value)
   except (KeyboardInterrupt, _Terminated) as e:
     raise _interruption(e, old) from None
   _print_out(report["table"])
@@ -314,7 +323,8 @@ def _batch(src_root: str, dst_root: str) -> int:
       signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
       keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value, verify=_VERIFY.value,
       keep_failed=_KEEP_FAILED.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value,
-      overwrite=_OVERWRITE.value, output_format=_FORMAT.value or "savedmodel")
+      overwrite=_OVERWRITE.value, output_format=_FORMAT.value or "savedmodel",
+      consumers=_CONSUMERS.value)
 
   # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
   tty = sys.stderr.isatty()

@@ -27,7 +27,13 @@ a process that has TensorFlow imported:
 Cheap enough for every verification: the TF1 and C API loaders (the restore
 paths `tf.saved_model.load` does not take) and the Keras runners without a
 fit step. Expensive (`expensive`, for a `--consumers=all`): TFLite's
-conversion and the Keras fit steps (`fit_images`).
+conversion and the Keras fit steps (`fit_images`). `selected(selection)`
+says which runs a selection ("default" or "all") makes, and which it skips.
+
+A fit step draws random values of its own (the Dense head's initializer,
+the model's dropout, drop path, drop connect), without seeds: it runs with
+TensorFlow's op determinism off (`_unseeded_random_ops`), which would
+refuse them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from migrate import build as build_lib
 from migrate import errors
@@ -155,9 +162,12 @@ def _feeds(name: str, sig: _SignatureTensors, tag: str,
 
 # ---- TF1 loader
 
-def tf1_loader(path: str, inputs: Inputs) -> ConsumerResult:
+def tf1_loader(path: str, inputs: Inputs,
+               signature_tags: Optional[Mapping[str, Sequence[str]]] = None
+               ) -> ConsumerResult:
   """`tf.compat.v1.saved_model.load` in a `tf.compat.v1.Session` (what
-  `saved_model_cli run` does), every serving signature on every input."""
+  `saved_model_cli run` does), every serving signature on every input, or
+  each signature of `signature_tags` on the input tags it names."""
   def run(result: ConsumerResult) -> None:
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
       try:
@@ -166,7 +176,9 @@ def tf1_loader(path: str, inputs: Inputs) -> ConsumerResult:
         result.error = f"the TF1 loader cannot load it: {_first_line(e)}"
         return
       for name, sig in sorted(_signature_tensors(meta_graph).items()):
-        for tag, values in inputs.items():
+        tags = inputs if signature_tags is None else signature_tags.get(name, ())
+        for tag in tags:
+          values = inputs[tag]
           feeds = _feeds(name, sig, tag, values, result)
           if feeds is None:
             continue
@@ -315,15 +327,29 @@ def _by_size(inputs: Inputs) -> dict[tuple[int, ...], list[str]]:
   return groups
 
 
+@contextlib.contextmanager
+def _unseeded_random_ops() -> Iterator[None]:
+  """TensorFlow's op determinism off in this block (it refuses random ops
+  without a seed, which a fit step runs), then as before."""
+  previous = tf_config.is_op_determinism_enabled()
+  if previous:
+    tf_config.disable_op_determinism()
+  try:
+    yield
+  finally:
+    if previous:
+      tf_config.enable_op_determinism()
+
+
 def _fit_step(keras_module, model, variables: Sequence, trainable: Sequence,
               images: np.ndarray) -> FitStep:
-  """One `fit` step (SGD, mean squared error against zeros) of `model`."""
+  """One `fit` step (SGD, mean squared error against ones) of `model`."""
   model.compile(optimizer=keras_module.optimizers.SGD(0.1), loss="mse")
   before = {_var_name(v): np.array(v.numpy()) for v in variables}
   trainable_names = {_var_name(v) for v in trainable}
   found: list[str] = []
   targets = np.ones((len(images), 1), np.float32)
-  with _no_gradient_warnings(found):
+  with _no_gradient_warnings(found), _unseeded_random_ops():
     model.fit(images, targets, epochs=1, batch_size=len(images), verbose=0,
               shuffle=False)
   after = {_var_name(v): np.array(v.numpy()) for v in variables}
@@ -422,3 +448,48 @@ CONSUMERS: Mapping[str, Consumer] = {c.name: c for c in [
     Consumer("tflite", tflite, True, False,
              "TFLite converter and interpreter, serving_default"),
 ]}
+
+
+# ---- which runs a verification makes
+
+DEFAULT, ALL = "default", "all"
+SELECTIONS = (DEFAULT, ALL)
+FIT = "fit"  # The name of a runner's fit step: "<runner>/fit".
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+  """What a selection runs: (runner, with its fit step), and what it skips
+  as expensive (runner names, "<runner>/fit" for a fit step alone)."""
+
+  runs: tuple[tuple[str, bool], ...]
+  skipped: tuple[str, ...]
+
+  @property
+  def ran(self) -> tuple[str, ...]:
+    """The runs by name: runners, and "<runner>/fit" for their fit steps."""
+    return tuple(n for name, fit in self.runs
+                 for n in ((name, f"{name}/{FIT}") if fit else (name,)))
+
+
+def check_selection(selection: str) -> str:
+  """`selection` if it is one of `SELECTIONS`; else a ValueError naming them."""
+  if selection not in SELECTIONS:
+    raise ValueError(f"consumers={selection!r}: expected one of "
+                     f"{', '.join(SELECTIONS)}")
+  return selection
+
+
+def selected(selection: str = DEFAULT) -> Selected:
+  """The runs of `selection`: "all" every runner with its fit step;
+  "default" the runners that are not `expensive`, without fit steps."""
+  everything = check_selection(selection) == ALL
+  runs, skipped = [], []
+  for c in CONSUMERS.values():
+    if c.expensive and not everything:
+      skipped.append(c.name)
+      continue
+    runs.append((c.name, c.trains and everything))
+    if c.trains and not everything:
+      skipped.append(f"{c.name}/{FIT}")
+  return Selected(runs=tuple(runs), skipped=tuple(skipped))

@@ -86,7 +86,8 @@ def convert(src: str, dst: str, *,
             keep_failed: bool = False,
             allow_unsafe_ops: bool = False,
             parallel_verify: Optional[bool] = None,
-            keras_backends: Optional[Sequence[str]] = None) -> ConversionResult:
+            keras_backends: Optional[Sequence[str]] = None,
+            consumers: str = "default") -> ConversionResult:
   """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`
   (a native Keras 3 model if `dst` ends in `.keras`: `keras_convert`).
 
@@ -94,11 +95,16 @@ def convert(src: str, dst: str, *,
   during the conversion (None: for modules big enough to gain from it; see
   `verify.start_reference`). `keras_backends` picks the Keras backends a
   `.keras` output is verified on (default: every one installed).
+  `consumers` picks the consumer runs of a SavedModel's verification
+  ("default": the cheap ones; "all": TFLite and the Keras fit steps too;
+  see `migrate.consumers.selected`).
 
   Raises a `migrate.errors.MigrationError` subclass for anything the user can
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
   parity is kept at `dst + ".failed-parity"`) and `src` is unchanged.
   """
+  from migrate import consumers as consumers_lib  # pylint: disable=g-import-not-at-top
+  consumers_lib.check_selection(consumers)
   seconds: dict[str, float] = {}
   clock = time.perf_counter()
 
@@ -124,14 +130,14 @@ def convert(src: str, dst: str, *,
     return _convert(module, plan, src, destination, seconds, lap,
                     overwrite=overwrite, verify=verify, keep_failed=keep_failed,
                     allow_unsafe_ops=allow_unsafe_ops,
-                    parallel_verify=parallel_verify)
+                    parallel_verify=parallel_verify, consumers=consumers)
 
 
 def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
              src: str, destination: staging.Destination,
              seconds: dict[str, float], lap, *, overwrite: bool, verify: bool,
              keep_failed: bool, allow_unsafe_ops: bool,
-             parallel_verify: Optional[bool]) -> ConversionResult:
+             parallel_verify: Optional[bool], consumers: str) -> ConversionResult:
   dst = destination.dst
   reference = None
   if verify:
@@ -161,7 +167,7 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
       with _verification_errors(f"{src}: expected a module whose graphs run "
                                 f"on the inputs its signatures declare"):
         report = verify_lib.verify(src, staged.path, reference=reference,
-                                   module=module)
+                                   module=module, consumers=consumers)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
@@ -198,13 +204,17 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
       seconds=seconds, parity=report, kept_aside=kept)
 
 
-def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
+def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False,
+                    consumers: str = "default"):
   """Verifies an existing pair (made earlier or by other means) -> ParityReport.
 
   Both are scanned before anything loads them: OLD as a module, NEW (which
-  may come from anywhere) as a SavedModel.
+  may come from anywhere) as a SavedModel. `consumers` as in `convert` (a
+  SavedModel NEW only).
   """
+  from migrate import consumers as consumers_lib  # pylint: disable=g-import-not-at-top
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
+  consumers_lib.check_selection(consumers)
   module = legacy_format.read_module(old)
   safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   if keras_format.is_keras_path(new):  # A native Keras 3 model.
@@ -218,7 +228,7 @@ def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
       f"{new}: expected a converted SavedModel (a Reusable SavedModel with "
       f"__call__, variables and the serving signatures of {old})",
       errors.NotAHubModuleError):
-    return verify_lib.verify(old, new, module=module)
+    return verify_lib.verify(old, new, module=module, consumers=consumers)
 
 
 # What the root object of every model this tool writes holds (build.py).

@@ -252,6 +252,37 @@ def depends_on_random(graph_def: graph_pb2.GraphDef,
   return any(legacy_format.node_name(t) in dependent for t in names)
 
 
+# Ops that write the variable of their input 0 (reference and resource).
+_VARIABLE_WRITES = frozenset(_REF_TO_RESOURCE_UPDATE) | frozenset(
+    _REF_TO_RESOURCE_UPDATE.values())
+
+
+def random_updated_variables(graph_def: graph_pb2.GraphDef,
+                             update_ops: Sequence[str]) -> set[str]:
+  """The variables that `update_ops` (UPDATE_OPS) write with a value that
+  depends on a random op: the moving averages of the batch norms after a
+  drop path, drop connect or dropout. (Initializers depend on random ops
+  too, but are not on the update ops' path.)"""
+  nodes = {n.name: n for n in graph_def.node}
+  random_dep = _random_dependent(graph_def)
+  variable_ops = REF_VARIABLE_OPS | RESOURCE_VARIABLE_OPS
+  result: set[str] = set()
+  seen: set[str] = set()
+  todo = [u for u in update_ops if u in nodes]
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    node = nodes[name]
+    if node.op in _VARIABLE_WRITES and name in random_dep and node.input:
+      variable = nodes.get(legacy_format.node_name(node.input[0]))
+      if variable is not None and variable.op in variable_ops:
+        result.add(variable.name)
+    todo.extend(n for n in map(legacy_format.node_name, node.input) if n in nodes)
+  return result
+
+
 def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
                           match: DropoutMatch) -> tuple[graph_pb2.GraphDef, str]:
   """Adds a copy of the output's path that skips the dropout.

@@ -24,7 +24,10 @@ inference mode, its dtype, rank and width (the image API), top-1/top-5 for
 classifiers; one training step (the output of `__call__(x, training=True,
 **hparams)`, every variable after it, the gradients of `sum(output * probe)`),
 again with each hyperparameter at a non-default value; the regularization
-losses (each, and their total).
+losses (each, and their total); and the model as its users load it, one row
+per consumer (`migrate.consumers`: the TF1 loader, the C API loader, TFLite,
+Keras 3's TFSMLayer, tf_keras' hub.KerasLayer, and their fit steps), the
+cheap ones by default, all with `consumers="all"`.
 
 How to add a parity check:
   1. one producer field: what the converted model computes, in `Actual`
@@ -45,8 +48,9 @@ Where each part runs (`PendingReference`, chosen once by `start_reference`):
 the reference side here, when first needed, or in a child process started
 early (`convert` starts it while it builds the model). A child that has
 finished by the time the converted model is loaded also runs the converted
-model's inference half (`converted_inference`) while this process runs the
-training steps; `ParityReport.processes` says where each part ran.
+model's inference half (`converted_inference`, the consumer runs included:
+they load the saved files themselves) while this process runs the training
+steps; `ParityReport.processes` says where each part ran.
 
 The saved files are only read. Variables changed by training steps are put
 back after every step. The caller decides to raise `errors.ParityError`.
@@ -61,6 +65,8 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
+from migrate import consumers as consumers_lib
+from migrate import errors
 from migrate import isolation
 from migrate import legacy_format
 from migrate import preflight
@@ -110,6 +116,11 @@ class ParityReport:
   seconds: float = 0.0
   # Where each part ran: "this process" or "child process".
   processes: dict[str, str] = dataclasses.field(default_factory=dict)
+  # The consumer runs (`migrate.consumers.selected`): the selection, the
+  # runs made ("<runner>" or "<runner>/fit"), those skipped as expensive.
+  consumers: str = consumers_lib.DEFAULT
+  consumers_ran: list[str] = dataclasses.field(default_factory=list)
+  consumers_skipped: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def passed(self) -> bool:
@@ -131,43 +142,68 @@ class ParityReport:
         return c
     raise KeyError(f"no check '{name}' (ran: {', '.join(c.name for c in self.checks)})")
 
+  def consumers_line(self) -> str:
+    """Which consumer runs were made, and which skipped as expensive."""
+    line = (f"consumers ({self.consumers}): ran "
+            f"{', '.join(self.consumers_ran) or 'none'}")
+    if self.consumers_skipped:
+      line += (f"; skipped as expensive: {', '.join(self.consumers_skipped)} "
+               f"(--consumers=all runs them)")
+    return line
+
   def summary(self) -> str:
-    """One line: the verdict, how many checks, the first failure if any."""
+    """One line: the verdict, how many checks, the first failure if any.
+    Module text (check names, signature keys) is escaped: one line always."""
     ok = len(self.checks) - len(self.failures)
     line = (f"parity {'passed' if self.passed else 'FAILED'}: {ok}/"
             f"{len(self.checks)} checks in {self.seconds:.1f}s; random ops: "
-            f"{self.method_for_random_ops.split(':')[0]}")
+            f"{self.method_for_random_ops.split(':')[0]}; consumers: "
+            f"{len(self.consumers_ran)} ran, {len(self.consumers_skipped)} "
+            f"skipped as expensive")
     if self.method_for_gradients != METHOD_GRADIENTS:
       line += f"; gradients: {self.method_for_gradients.split(':')[0]}"
     if self.first_failure is not None:
       line += f"; first failure: {self.first_failure}"
-    return line
+    return errors.printable(line)
 
   def to_json(self) -> str:
+    checks = []
+    for c in self.checks:
+      entry = c.to_dict()
+      entry.update(name=errors.printable(c.name), detail=errors.printable(c.detail))
+      checks.append(entry)
+    first = self.first_failure
     return json.dumps({
         "old_path": self.old_path, "new_path": self.new_path,
         "passed": self.passed,
-        "first_failure": self.first_failure.name if self.first_failure else None,
+        "first_failure": errors.printable(first.name) if first else None,
         "method_for_random_ops": self.method_for_random_ops,
         "method_for_gradients": self.method_for_gradients,
-        "warnings": list(self.warnings), "seconds": round(self.seconds, 3),
+        "warnings": [errors.printable(w) for w in self.warnings],
+        "seconds": round(self.seconds, 3),
         "processes": dict(self.processes),
-        "checks": [c.to_dict() for c in self.checks]}, indent=1)
+        "consumers": {"selection": self.consumers, "ran": list(self.consumers_ran),
+                      "skipped": list(self.consumers_skipped)},
+        "checks": checks}, indent=1)
 
   def format_table(self) -> str:
+    """The table of checks and what follows it, every line escaped (module
+    text in check names, signature keys and details)."""
     def num(x):
       return "-" if x is None else f"{x:.2e}"
     rows = [("check", "max_abs", "max_rel", "rtol", "atol", "result")]
     for c in self.checks:
-      rows.append((c.name, num(c.max_abs_err), num(c.max_rel_err), num(c.rtol),
-                   num(c.atol), "ok" if c.passed else "FAIL"))
+      rows.append((errors.printable(c.name), num(c.max_abs_err),
+                   num(c.max_rel_err), num(c.rtol), num(c.atol),
+                   "ok" if c.passed else "FAIL"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
              for r in rows]
     for c in self.failures:
-      lines.append(f"FAIL {c.name}: {c.detail}")
+      lines.append(errors.printable(f"FAIL {c.name}: {c.detail}"))
     for w in self.warnings:
-      lines.append(f"warning: {w}")
+      lines.append(errors.printable(f"warning: {w}"))
+    lines.append(self.consumers_line())
     lines.append(f"random ops: {self.method_for_random_ops}")
     lines.append(f"gradients: {self.method_for_gradients}")
     lines.append(f"{'PASSED' if self.passed else 'FAILED'}: "
@@ -205,17 +241,19 @@ class PendingReference:
       self._value = reference_side(self._old_path, self.spec, **read)
     return self._value
 
-  def start_inference(self, new_path: str, facts: ModuleFacts
+  def start_inference(self, new_path: str, facts: ModuleFacts,
+                      consumers: str = consumers_lib.DEFAULT
                       ) -> Optional[isolation.IsolatedCall]:
-    """Starts the converted model's inference half elsewhere, or returns
-    None: this process runs it."""
+    """Starts the converted model's inference half (with the consumer runs
+    of `consumers`) elsewhere, or returns None: this process runs it."""
     return None
 
   def processes(self, inference_elsewhere: bool) -> dict[str, str]:
+    where = _CHILD if inference_elsewhere else _HERE
     return {"module (TF1 Session)": _CHILD if self.in_child else _HERE,
-            "converted model, inference and regularization":
-                _CHILD if inference_elsewhere else _HERE,
-            "converted model, training": _HERE}
+            "converted model, inference and regularization": where,
+            "converted model, training": _HERE,
+            "consumers (each loads the saved files)": where}
 
   def cancel(self) -> None:
     """Stops the work started elsewhere, if any."""
@@ -247,14 +285,15 @@ class _ReferenceInChild(PendingReference):
       self._value = self._child.result()
     return super().result(**read)  # Cancelled before it answered: here.
 
-  def start_inference(self, new_path: str, facts: ModuleFacts
+  def start_inference(self, new_path: str, facts: ModuleFacts,
+                      consumers: str = consumers_lib.DEFAULT
                       ) -> Optional[isolation.IsolatedCall]:
     if self._child is None or not self.done():
       return None
     self.result()
     return self._child.submit(
         "migrate.verify:converted_inference", self._old_path, new_path,
-        self.spec, facts,
+        self.spec, facts, consumers=consumers,
         what=f"{self._old_path} (converted side of the parity checks)")
 
   def cancel(self) -> None:
@@ -319,7 +358,8 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
            optimize_graphs: bool = False,
            reference: Optional[PendingReference] = None,
            parallel: Optional[bool] = None,
-           module: Optional[legacy_format.LegacyModule] = None) -> ParityReport:
+           module: Optional[legacy_format.LegacyModule] = None,
+           consumers: str = consumers_lib.DEFAULT) -> ParityReport:
   """Compares the converted model at `new_path` with the TF1 module at `old_path`.
 
   `signature`/`output_key`, if given, are what the user asked `__call__` to
@@ -338,9 +378,17 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
   `optimize_graphs=True` verifies with Grappler on; the tolerance table
   holds for both (tests/test_parity.py). Op determinism is on while both
   sides run (`verify_spec.deterministic_ops`).
+
+  `consumers` selects the consumer runs (`migrate.consumers.selected`):
+  "default" the cheap ones (the TF1 and C API loaders, the Keras runners'
+  inference), "all" TFLite and the Keras fit steps too. A ValueError names
+  the selections if it is none of them.
   """
   start = time.monotonic()
-  report = ParityReport(old_path=old_path, new_path=new_path)
+  selected = consumers_lib.selected(consumers)
+  report = ParityReport(old_path=old_path, new_path=new_path,
+                        consumers=consumers,
+                        consumers_skipped=list(selected.skipped))
   with verify_spec.run_conditions(optimize_graphs):
     module = module or legacy_format.read_module(old_path)
     model = tf.saved_model.load(new_path)
@@ -355,8 +403,9 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       reference = start_reference(old_path, spec, parallel=parallel,
                                   module=module)
     try:
-      inference = reference.start_inference(new_path, facts)
-      converted = verify_actual.ConvertedModel(model, spec, facts, meta)
+      inference = reference.start_inference(new_path, facts, consumers)
+      converted = verify_actual.ConvertedModel(model, spec, facts, meta,
+                                               path=new_path, consumers=consumers)
       expected = reference.result(module=module) if reference.done() else None
       actual = verify_actual.converted_side(
           converted, inference=inference is None,
@@ -372,6 +421,7 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       reference.cancel()  # (The loaded model is dropped: no need to put
       # its variables back; each training step did.)
   report.checks = verify_checks.run_checks(spec, expected, actual, facts)
+  report.consumers_ran = list(actual.consumer_runs)
   report.warnings = _warnings(spec, expected, actual)
   report.method_for_random_ops = METHOD_FED if expected.random_ops else METHOD_NONE
   if expected.forward_gradients:

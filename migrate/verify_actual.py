@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from migrate import consumers as consumers_lib
 from migrate import legacy_format
 from migrate import reference as reference_lib
 from migrate import verify_expected
@@ -73,6 +74,12 @@ class Actual:
   variables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   trainable: list[str] = dataclasses.field(default_factory=list)  # In order.
   warnings: list[str] = dataclasses.field(default_factory=list)
+  # The model as its users load it (`migrate.consumers`, each from the saved
+  # files): runner -> what it computed, and the runs asked of them
+  # (`consumers.Selected.ran`: runner names, "<runner>/fit").
+  consumers: dict[str, consumers_lib.ConsumerResult] = dataclasses.field(
+      default_factory=dict)
+  consumer_runs: list[str] = dataclasses.field(default_factory=list)
 
   def with_inference_of(self, other: "Actual") -> "Actual":
     """This, with the fields that `other` filled: the inference half, run
@@ -90,8 +97,11 @@ class ConvertedModel:
   """The loaded converted model, run for `spec` on the inputs of `facts`."""
 
   def __init__(self, model: Any, spec: Spec, facts: ModuleFacts,
-               metadata: Optional[Mapping[str, Any]] = None):
+               metadata: Optional[Mapping[str, Any]] = None, *,
+               path: str = "", consumers: str = consumers_lib.DEFAULT):
     self.model = model
+    self.path = path  # Where the consumers load it from ("": none run).
+    self.selected = consumers_lib.selected(consumers)
     self.spec = spec
     self.facts = facts
     self.metadata = dict(metadata if metadata is not None
@@ -117,30 +127,29 @@ class ConvertedModel:
   # -- the inference half
 
   def inference(self, actual: Actual) -> Actual:
-    """`actual` with the inference fields: what no training step changes."""
+    """`actual` with the inference fields: what no training step changes
+    (the consumers load the saved files, which no step changes)."""
     outputs, warnings = self.signature_outputs()
+    consumers = self.consumers()
     return dataclasses.replace(
         actual, signature_outputs=outputs, call_outputs=self.call_outputs(),
-        regularization=self.regularization(),
+        regularization=self.regularization(), consumers=consumers,
+        consumer_runs=[r for r in self.selected.ran
+                       if r.split("/")[0] in consumers],
         warnings=list(actual.warnings) + warnings)
 
   def signature_outputs(self) -> tuple[dict[str, dict[str, dict[str, np.ndarray]]],
                                        list[str]]:
-    """Every serving signature (`verify_spec.signature_pairs`):
-    `serving_default` on every batch tag, the others (the same function,
-    other outputs selected) on one image at the smallest resolution; and a
-    warning for each run that failed."""
+    """Every serving signature on its inputs (`verify_spec.signature_runs`),
+    and a warning for each run that failed."""
     outputs: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     warnings = []
-    pairs = verify_spec.signature_pairs(
+    runs = verify_spec.signature_runs(
         self.facts, list(self.model.signatures),
         self.metadata.get("source_signature"))
-    for name, module_name in pairs:
+    for name, module_name, tags in runs:
       sig = self.facts.image_signatures[module_name]
       fn = self.model.signatures[name]
-      tags = verify_spec.batch_tags(sig.sizes)
-      if name != "serving_default":  # One image, at the smallest resolution.
-        tags = [min(tags, key=lambda t: t.batch * t.size[0] * t.size[1])]
       for tag in tags:
         inputs = {"images": tag.images(self.spec.seed), **sig.other_inputs}
         try:
@@ -152,6 +161,36 @@ class ConvertedModel:
           warnings.append(f"signature '{name}' failed on {tag.name}: "
                           f"{verify_spec.error_text(e)}")
     return outputs, warnings
+
+  def consumers(self) -> dict[str, consumers_lib.ConsumerResult]:
+    """Each run of the consumer selection (`consumers.selected`), on the
+    inputs of the checks: the TF1 loader every serving signature on the
+    inputs of `signature_outputs`; the C API loader and TFLite
+    `serving_default`, the Keras runners their endpoint, on every batch tag
+    of `__call__`; a fit step on the training step's images."""
+    if not self.path:
+      return {}
+    runs = verify_spec.signature_runs(
+        self.facts, list(self.model.signatures),
+        self.metadata.get("source_signature"))
+    signature_tags = {name: [t.name for t in tags] for name, _, tags in runs}
+    call_tags = verify_spec.batch_tags(self.facts.call_sizes)
+    inputs = verify_spec.signature_inputs(
+        self.spec, self.facts,
+        list({t.name: t for _, _, tags in runs for t in tags + call_tags}.values()))
+    serving = {t: inputs[t] for t in signature_tags.get("serving_default", [])}
+    call = {t.name: inputs[t.name] for t in call_tags}
+    results = {}
+    for name, fit in self.selected.runs:
+      run = consumers_lib.CONSUMERS[name].run
+      if name == "tf1_loader":
+        results[name] = run(self.path, inputs, signature_tags=signature_tags)
+      elif not consumers_lib.CONSUMERS[name].trains:
+        results[name] = run(self.path, serving)
+      elif call:  # A Keras runner: `__call__`'s output (none: no rows).
+        results[name] = run(self.path, call, fit_images=(
+            verify_spec.train_images(self.spec, self.facts) if fit else None))
+    return results
 
   def call_outputs(self) -> dict[str, np.ndarray]:
     """`__call__` in inference mode on every batch tag (none if the
@@ -285,13 +324,16 @@ def converted_side(converted: ConvertedModel, *, inference: bool = True,
 
 
 def converted_inference(old_path: str, new_path: str, spec: Spec,
-                        facts: Optional[ModuleFacts] = None) -> Actual:
+                        facts: Optional[ModuleFacts] = None, *,
+                        consumers: str = consumers_lib.DEFAULT) -> Actual:
   """The converted model's inference half for `spec`, alone: what `verify`
   hands to the reference child once that has finished. Only the fields
   that `ConvertedModel.inference` fills are set (the variables are not
-  sent back). `facts` saves parsing the module again."""
+  sent back). `facts` saves parsing the module again; `consumers` is the
+  selection of consumer runs (`migrate.consumers.selected`)."""
   with verify_spec.run_conditions(spec.optimize_graphs):
     if facts is None:
       facts = verify_spec.module_facts(legacy_format.read_module(old_path), spec)
-    converted = ConvertedModel(tf.saved_model.load(new_path), spec, facts)
+    converted = ConvertedModel(tf.saved_model.load(new_path), spec, facts,
+                               path=new_path, consumers=consumers)
     return converted.inference(Actual(spec=spec))

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from migrate import consumers as consumers_lib
+from migrate import errors
 from migrate import plan as plan_lib
 from migrate import tolerances as tolerances_lib
 from migrate import verify_spec
@@ -373,6 +375,147 @@ def regularization_values(spec, expected, actual, facts, tol) -> Results:
                   np.sort(np.asarray(ref_values, np.float32)), tol)
 
 
+# -- the consumers: the saved model as each of its users loads it ----------------------
+#
+# One row per run of `migrate.consumers` that `actual.consumers` holds (none
+# for a consumer the selection skipped): its outputs against the module's on
+# the same inputs, or why it cannot take the model (a passing row: "not
+# convertible to TFLite: op X"), or how it failed.
+
+def _consumer(actual: Actual, consumer: str, name: str
+              ) -> tuple[Optional[consumers_lib.ConsumerResult], Optional[CheckResult]]:
+  """(the consumer's result if it ran the model, else None; the row it
+  gets when it did not run it, else None)."""
+  result = actual.consumers.get(consumer)
+  if result is None:
+    return None, None
+  if result.not_applicable:
+    return None, check(name, True, result.not_applicable)
+  if result.error:
+    return None, check(name, False, result.error)
+  return result, None
+
+
+def _consumer_signatures(consumer: str, serving_default_only: bool
+                         ) -> Callable[..., Results]:
+  def consumer_signatures(spec, expected, actual, facts, tol) -> Results:
+    """The serving signatures (only `serving_default`, or every one) as the
+    consumer ran them, on the inputs of 'signature/...', against the
+    module's outputs: every output key of every (signature, input)."""
+    name = f"consumer/{consumer}"
+    result, row = _consumer(actual, consumer, name)
+    if row is not None:
+      yield row
+    if result is None:
+      return
+    got, wanted = {}, {}
+    runs = verify_spec.signature_runs(facts, actual.signatures,
+                                      actual.metadata.get("source_signature"))
+    for saved, module_name, tags in runs:
+      if serving_default_only and saved != "serving_default":
+        continue
+      tensors = facts.image_signatures[module_name].outputs
+      for tag in tags:
+        for key, tensor in tensors.items():
+          wanted[f"{saved}/{key}/{tag.name}"] = expected.outputs[tag.name][tensor]
+        for key, value in result.outputs.get((saved, tag.name), {}).items():
+          got[f"{saved}/{key}/{tag.name}"] = value
+    yield compare_many(name, got, wanted, tol)
+  return consumer_signatures
+
+
+def _consumer_call(consumer: str) -> Callable[..., Results]:
+  def consumer_call(spec, expected, actual, facts, tol) -> Results:
+    """A Keras layer's output in a Sequential model, against the output of
+    the module behind `__call__`, on every batch tag of 'call/inference'."""
+    name = f"consumer/{consumer}"
+    result, row = _consumer(actual, consumer, name)
+    if row is not None:
+      yield row
+    if result is None or not spec.signature:
+      return
+    got = {tag: out[consumers_lib.CALL_OUTPUT]
+           for (_, tag), out in result.outputs.items()
+           if consumers_lib.CALL_OUTPUT in out}
+    _, wanted = _call_pairs(spec, expected, actual, facts)
+    yield compare_many(name, got, wanted, tol)
+  return consumer_call
+
+
+def _fit_moved_and_finite(fit: consumers_lib.FitStep, names: set[str],
+                          ref: ExpectedStep, expected: Expected) -> list[str]:
+  """What is wrong with the variables `names` after the fit step, whose
+  update depends on a random op: each must be finite, and changed if and
+  only if the module's step changed it."""
+  problems = []
+  for n in sorted(names):
+    after = fit.non_trainable_after.get(n)
+    if after is None:
+      problems.append(f"'{n}' is not among {len(fit.non_trainable_after)} "
+                      f"non-trainable variables of the layer")
+      continue
+    moved = not np.array_equal(after, expected.variables[n])
+    if not np.isfinite(after).all():
+      problems.append(f"'{n}' is not finite after the fit step")
+    elif moved != (n in ref.changed):
+      problems.append(f"the fit step {'changed' if moved else 'left'} '{n}', "
+                      f"the module's step {'leaves' if moved else 'changes'} it")
+  return problems
+
+
+def _consumer_fit(consumer: str) -> Callable[..., Results]:
+  def consumer_fit(spec, expected, actual, facts, tol) -> Results:
+    """One `fit` step of a Keras layer, on the training step's images:
+    every non-trainable variable after it (the batch-norm moving averages)
+    against the module's training step ('train/moving_averages'), except
+    those whose update depends on a random op (`facts.random_updates`: a
+    fit step draws its own random values), which must be finite and moved
+    if the module's step moves them; the layer trains `trainable_variables`
+    and moves its weights, and Keras finds a gradient for each."""
+    run = f"{consumer}/{consumers_lib.FIT}"
+    name = f"consumer/{run}"
+    if run not in actual.consumer_runs or not _training_checked(
+        spec, expected, facts):
+      return  # Not asked for; or 'train/...' says why there is no step.
+    result, row = _consumer(actual, consumer, name)
+    if row is not None:
+      yield row
+    if result is None:
+      return
+    fit, ref = result.fit, expected.steps.get("train", ExpectedStep(error="not run"))
+    if fit is None:
+      yield check(name, False, f"{consumer} ran no fit step")
+      return
+    if ref.error:
+      yield check(name, False, f"nothing to compare with: the module's "
+                  f"training step failed: {ref.error}")
+      return
+    names = set(facts.variables) - set(fit.trainable)
+    exact, random = names - facts.random_updates, names & facts.random_updates
+    row = compare_many(
+        name, {n: v for n, v in fit.non_trainable_after.items() if n in exact},
+        {n: ref.changed.get(n, expected.variables[n]) for n in exact}, tol)
+    problems = ([row.detail] if not row.passed else []) + _fit_moved_and_finite(
+        fit, random, ref, expected)
+    if fit.no_gradient_warnings:
+      problems.append(f"Keras warned: {fit.no_gradient_warnings[0]}")
+    if sorted(fit.trainable) != sorted(actual.trainable):
+      problems.append(f"{consumer} trains {len(fit.trainable)} variables, "
+                      f"trainable_variables holds {len(actual.trainable)}" +
+                      _diff_names(set(fit.trainable), set(actual.trainable)))
+    if not fit.moved:
+      problems.append("the fit step changed no weight")
+    if problems:
+      row.passed, row.detail = False, "; ".join(problems)
+    else:
+      if random:
+        row.detail += (f"; {len(random)} updated after random ops: moved and "
+                       f"finite")
+      row.detail += f"; {len(fit.moved)} of {len(fit.trainable)} weights moved"
+    yield row
+  return consumer_fit
+
+
 # -- the list --------------------------------------------------------------------------
 
 CHECKS: tuple[Check, ...] = (
@@ -404,6 +547,20 @@ CHECKS: tuple[Check, ...] = (
     Check("regularization/count", regularization_count),
     Check("regularization/total", regularization_total, "regularization"),
     Check("regularization/values", regularization_values, "regularization"),
+    Check("consumer/tf1_loader", _consumer_signatures("tf1_loader", False),
+          "inference"),
+    Check("consumer/c_api_loader", _consumer_signatures("c_api_loader", True),
+          "inference"),
+    Check("consumer/tflite", _consumer_signatures("tflite", True),
+          "consumer_tflite"),
+    Check("consumer/keras3_tfsm_layer", _consumer_call("keras3_tfsm_layer"),
+          "inference"),
+    Check("consumer/keras3_tfsm_layer/fit", _consumer_fit("keras3_tfsm_layer"),
+          "moving_averages"),
+    Check("consumer/tf_keras_hub_layer", _consumer_call("tf_keras_hub_layer"),
+          "inference"),
+    Check("consumer/tf_keras_hub_layer/fit", _consumer_fit("tf_keras_hub_layer"),
+          "moving_averages"),
 )
 
 
@@ -432,6 +589,19 @@ def run_checks(spec: Spec, expected: Expected, actual: Actual,
         tol = (tolerances_lib.resolve(c.tolerance, fake_quant=facts.fake_quant)
                if c.tolerance else None)
         args = (spec, expected, actual, facts, tol) + ((step,) if c.per_step else ())
-        results.extend(c.fn(*args))
+        results.extend(_run_check(c, args, step))
+  return results
+
+
+def _run_check(c: Check, args: tuple, step: Optional[str]) -> list[CheckResult]:
+  """The results of one check; one that raises becomes a failed row (after
+  the results it gave) naming the error, not a crash of the verification."""
+  results: list[CheckResult] = []
+  try:
+    results.extend(c.fn(*args))
+  except Exception as e:  # pylint: disable=broad-except  # A defect of the check.
+    name = c.name.replace("<step>", step) if step else c.name
+    results.append(check(name, False, f"the check raised "
+                         f"{type(e).__name__}: {errors.first_line(e)}"))
   return results
 

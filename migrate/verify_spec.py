@@ -27,6 +27,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 from migrate import errors
+from migrate import graph_rewrite
 from migrate import legacy_format
 from migrate import plan as plan_lib
 
@@ -155,6 +156,9 @@ class ModuleFacts:
   hparam_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # What the caller asked `__call__` to expose (verify's signature=, output_key=).
   requested: tuple[Optional[str], Optional[str]] = (None, None)
+  # Variables whose training update depends on a random op (the moving
+  # averages of batch norms after a drop path, drop connect or dropout).
+  random_updates: frozenset[str] = frozenset()
 
 
 def has_fake_quant(module: legacy_format.LegacyModule) -> bool:
@@ -213,6 +217,7 @@ def module_facts(module: legacy_format.LegacyModule, spec: Spec, *,
   if spec.signature:
     train_sig = (module.train or module.inference).signatures.get(spec.signature)
   variables = [v for variant in module.variants.values() for v in variant.variables]
+  train = module.train or module.inference
   return ModuleFacts(
       saved_model_sha256=module.saved_model_sha256,
       has_train_graph=module.train is not None,
@@ -228,7 +233,9 @@ def module_facts(module: legacy_format.LegacyModule, spec: Spec, *,
       hparam_tensors=(_hparam_tensors(module, spec,
                                       train_sig.inputs["images"].tensor_name)
                       if train_sig is not None else {}),
-      requested=requested)
+      requested=requested,
+      random_updates=frozenset(graph_rewrite.random_updated_variables(
+          train.graph_def, train.update_ops)))
 
 
 # -- the inputs ------------------------------------------------------------------------
@@ -287,6 +294,32 @@ def signature_pairs(facts: ModuleFacts, saved: Sequence[str],
     if module_name in facts.image_signatures:
       result.append((name, module_name))
   return result
+
+
+def signature_runs(facts: ModuleFacts, saved: Sequence[str],
+                   source_signature: Optional[str]
+                   ) -> list[tuple[str, str, list[BatchTag]]]:
+  """(saved serving signature, the module's signature, the inputs it runs)
+  for each of `signature_pairs`: `serving_default` on every batch tag, the
+  others (the same function, other outputs selected) on one image at the
+  smallest resolution."""
+  result = []
+  for name, module_name in signature_pairs(facts, saved, source_signature):
+    tags = batch_tags(facts.image_signatures[module_name].sizes)
+    if name != "serving_default":
+      tags = [min(tags, key=lambda t: t.batch * t.size[0] * t.size[1])]
+    result.append((name, module_name, tags))
+  return result
+
+
+def signature_inputs(spec: Spec, facts: ModuleFacts, tags: Sequence[BatchTag]
+                     ) -> dict[str, dict[str, np.ndarray]]:
+  """Tag name -> input name -> value: the images of each tag, and the other
+  inputs of the image signatures (hyperparameters) at their defaults."""
+  others: dict[str, np.ndarray] = {}
+  for sig in facts.image_signatures.values():
+    others.update(sig.other_inputs)
+  return {tag.name: {"images": tag.images(spec.seed), **others} for tag in tags}
 
 
 def error_text(e: BaseException) -> str:

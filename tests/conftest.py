@@ -61,3 +61,71 @@ def convert_cached(tmp_path_factory):
     return cache[key][0]
 
   return get
+
+
+class Verified:
+  """`verify(SRC, DST, consumers="all")` of a converted fixture, run once,
+  with every consumer run it made also run on the goldens' inputs (tags
+  `golden/<batch>`) in the same load of the model: `report`, and `results`,
+  each consumer's full result (None if verify raised: `error`)."""
+
+  GOLDEN = "golden/"
+
+  def __init__(self, name: str, path: str):
+    self.name, self.path = name, path
+    self.report = None
+    self.error = ""
+    self.results: dict = {}
+    meta, gold = golden_meta(name), golden_arrays(name)
+    self.golden_inputs = {
+        self.GOLDEN + tag: {"images": gold[f"images/{tag}"],
+                            **{k: np.float32(v) for k, v in meta["infer_feeds"].items()}}
+        for tag in meta["batches"]}
+
+  def run(self) -> "Verified":
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from migrate import consumers  # pylint: disable=g-import-not-at-top
+    from migrate import verify  # pylint: disable=g-import-not-at-top
+
+    def recorded(c):
+      def run(path, inputs, **kwargs):
+        if "signature_tags" in kwargs:
+          kwargs["signature_tags"] = {s: list(t) + list(self.golden_inputs)
+                                      for s, t in kwargs["signature_tags"].items()}
+        result = c.run(path, {**inputs, **self.golden_inputs}, **kwargs)
+        self.results[c.name] = result
+        return dataclasses.replace(result, outputs={
+            k: v for k, v in result.outputs.items() if not k[1].startswith(self.GOLDEN)})
+      return dataclasses.replace(c, run=run)
+
+    with pytest.MonkeyPatch.context() as patch:
+      for name, c in list(consumers.CONSUMERS.items()):
+        patch.setitem(consumers.CONSUMERS, name, recorded(c))
+      try:  # In this process: the consumer runs are recorded here.
+        self.report = verify.verify(module_path(self.name), self.path,
+                                    consumers="all", parallel=False)
+      except Exception as e:  # pylint: disable=broad-except  # Reported by the tests.
+        self.error = f"{type(e).__name__}: {e}"
+    return self
+
+  def result(self, consumer: str):
+    """The consumer's recorded result; if verify raised before it ran the
+    consumer (a bug the tests report), a run on the goldens' inputs alone."""
+    if consumer not in self.results and self.error:
+      from migrate import consumers  # pylint: disable=g-import-not-at-top
+      self.results[consumer] = consumers.CONSUMERS[consumer].run(
+          self.path, self.golden_inputs)
+    return self.results[consumer]
+
+
+@pytest.fixture(scope="session")
+def verified_all(convert_cached):
+  """verified_all(name) -> `Verified`: verification with every consumer, once."""
+  cache: dict[str, Verified] = {}
+
+  def get(name: str) -> Verified:
+    if name not in cache:
+      cache[name] = Verified(name, convert_cached(name)).run()
+    return cache[name]
+
+  return get

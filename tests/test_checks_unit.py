@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import re
 
 import numpy as np
 import pytest
 
 from migrate import compare
+from migrate import consumers
 from migrate import errors
 from migrate import tolerances
 from migrate import verify_checks
@@ -426,3 +428,218 @@ def test_the_inference_half_from_another_process_fills_only_its_fields():
   assert merged.warnings == ["signature 'x' failed"]
   assert merged.variables is here.variables and merged.steps is here.steps
   assert merged.metadata == here.metadata
+
+
+# -- the consumer rows --------------------------------------------------------------------
+
+ALL_RUNS = list(consumers.selected(consumers.ALL).ran)
+
+
+def _with_consumers(random_updates=frozenset()):
+  """`_sides()` with every consumer run (`consumers="all"`) agreeing with the
+  module: the TF1 loader every signature, the others `serving_default` or
+  `__call__`'s output, the Keras fit steps the module's step."""
+  spec, expected, actual, facts = _sides()
+  facts = dataclasses.replace(facts, random_updates=frozenset(random_updates))
+  call = {t: v for t, v in actual.call_outputs.items()}
+  serving = {("serving_default", t): {"default": v.copy()} for t, v in call.items()}
+  signatures = dict(serving)
+  signatures[("default", TAGS[0])] = {"default": call[TAGS[0]].copy()}
+
+  def keras(name, endpoint):
+    return consumers.ConsumerResult(
+        name, outputs={(endpoint, t): {consumers.CALL_OUTPUT: v.copy()}
+                       for t, v in call.items()},
+        fit=consumers.FitStep(
+            non_trainable_after={"mean": expected.steps["train"].changed["mean"].copy()},
+            moved=["w"], unmoved=[], no_gradient_warnings=[], trainable=["w"]))
+
+  actual.consumers = {
+      "tf1_loader": consumers.ConsumerResult("tf1_loader", outputs=signatures),
+      "c_api_loader": consumers.ConsumerResult(
+          "c_api_loader", outputs={k: dict(v) for k, v in serving.items()}),
+      "tflite": consumers.ConsumerResult(
+          "tflite", outputs={k: {"default": v["default"].copy()}
+                             for k, v in serving.items()}),
+      "keras3_tfsm_layer": keras("keras3_tfsm_layer", "serve"),
+      "tf_keras_hub_layer": keras("tf_keras_hub_layer", "__call__"),
+  }
+  actual.consumer_runs = list(ALL_RUNS)
+  return spec, expected, actual, facts
+
+
+CONSUMER_ROWS = ["consumer/tf1_loader", "consumer/c_api_loader", "consumer/tflite",
+                 "consumer/keras3_tfsm_layer", "consumer/keras3_tfsm_layer/fit",
+                 "consumer/tf_keras_hub_layer", "consumer/tf_keras_hub_layer/fit"]
+
+
+def test_selections_run_the_cheap_consumers_by_default_and_all_with_all():
+  default, everything = consumers.selected(), consumers.selected(consumers.ALL)
+  assert default.ran == ("tf1_loader", "c_api_loader", "keras3_tfsm_layer",
+                         "tf_keras_hub_layer")
+  assert default.skipped == ("keras3_tfsm_layer/fit", "tf_keras_hub_layer/fit",
+                             "tflite")
+  assert everything.skipped == ()
+  assert set(everything.ran) == set(default.ran) | set(default.skipped)
+  with pytest.raises(ValueError, match="expected one of default, all"):
+    consumers.selected("some")
+
+
+def test_consumer_rows_pass_when_the_consumers_agree_in_the_list_order():
+  results = verify_checks.run_checks(*_with_consumers())
+  assert all(r.passed for r in results), [str(r) for r in results if not r.passed]
+  assert [r.name for r in results if r.name.startswith("consumer/")] == CONSUMER_ROWS
+  by_name = {r.name: r for r in results}
+  assert "3 entries" in by_name["consumer/tf1_loader"].detail  # Every signature.
+  for c in verify_checks.CHECKS:  # Each row carries its check's name.
+    assert c.name in by_name or not c.name.startswith("consumer/"), c.name
+
+
+def test_the_default_selection_has_no_rows_for_what_it_skips():
+  spec, expected, actual, facts = _with_consumers()
+  for skipped in consumers.selected().skipped:
+    actual.consumers.pop(skipped, None)
+  actual.consumer_runs = list(consumers.selected().ran)
+  names = [r.name for r in verify_checks.run_checks(spec, expected, actual, facts)
+           if r.name.startswith("consumer/")]
+  assert names == ["consumer/tf1_loader", "consumer/c_api_loader",
+                   "consumer/keras3_tfsm_layer", "consumer/tf_keras_hub_layer"]
+
+
+# (row, tolerance entry, where a consumer's value lives in `actual`).
+CONSUMER_NUMERIC = {
+    "consumer/tf1_loader": ("inference", lambda a: a.consumers["tf1_loader"].outputs[
+        ("default", TAGS[0])]["default"]),
+    "consumer/c_api_loader": ("inference", lambda a: a.consumers["c_api_loader"].outputs[
+        ("serving_default", TAGS[1])]["default"]),
+    "consumer/tflite": ("consumer_tflite", lambda a: a.consumers["tflite"].outputs[
+        ("serving_default", TAGS[1])]["default"]),
+    "consumer/keras3_tfsm_layer": ("inference", lambda a: a.consumers[
+        "keras3_tfsm_layer"].outputs[("serve", TAGS[0])][consumers.CALL_OUTPUT]),
+    "consumer/tf_keras_hub_layer/fit": ("moving_averages", lambda a: a.consumers[
+        "tf_keras_hub_layer"].fit.non_trainable_after["mean"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONSUMER_NUMERIC))
+@pytest.mark.parametrize("factor,passed", [(0.5, True), (2.0, False)])
+def test_a_consumer_row_fails_beyond_its_tolerance(name, factor, passed):
+  spec, expected, actual, facts = _with_consumers()
+  tol_name, where = CONSUMER_NUMERIC[name]
+  value = where(actual)
+  _nudge(value, factor * _bound(tol_name, float(value.flat[0])))
+  result = _results(spec, expected, actual, facts)[name]
+  assert result.passed == passed, result
+  assert (result.rtol, result.atol) == (tolerances.get(tol_name).rtol,
+                                        tolerances.get(tol_name).atol)
+
+
+def test_a_consumer_that_cannot_take_the_model_passes_and_one_that_fails_fails():
+  spec, expected, actual, facts = _with_consumers()
+  actual.consumers["tflite"] = consumers.ConsumerResult(
+      "tflite", not_applicable="not convertible to TFLite: op Erfinv")
+  actual.consumers["c_api_loader"] = consumers.ConsumerResult(
+      "c_api_loader", error="the C API loader failed: Could not find variable x")
+  results = _results(spec, expected, actual, facts)
+  assert results["consumer/tflite"].passed
+  assert results["consumer/tflite"].detail == "not convertible to TFLite: op Erfinv"
+  assert not results["consumer/c_api_loader"].passed
+  assert "Could not find variable x" in results["consumer/c_api_loader"].detail
+
+
+def test_a_signature_or_output_a_consumer_did_not_give_fails():
+  spec, expected, actual, facts = _with_consumers()
+  del actual.consumers["tf1_loader"].outputs[("default", TAGS[0])]
+  actual.consumers["c_api_loader"].outputs[("serving_default", TAGS[0])]["extra"] = (
+      np.zeros(1, np.float32))
+  results = _results(spec, expected, actual, facts)
+  assert "missing 1 (e.g. 'default/default/b1_4x4')" in results["consumer/tf1_loader"].detail
+  assert "unexpected 1" in results["consumer/c_api_loader"].detail
+  assert not results["consumer/tf1_loader"].passed
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda fit, ref: fit.no_gradient_warnings.append(
+        "Gradients do not exist for variables ['w']"), "Gradients do not exist"),
+    (lambda fit, ref: setattr(fit, "trainable", ["w", "mean"]), "trains 2 variables"),
+    (lambda fit, ref: setattr(fit, "moved", []), "changed no weight"),
+    (lambda fit, ref: fit.non_trainable_after.pop("mean"), "missing 1"),
+])
+def test_a_fit_step_fails_when_keras_does_not_train_what_it_should(edit, words):
+  spec, expected, actual, facts = _with_consumers()
+  edit(actual.consumers["keras3_tfsm_layer"].fit, expected.steps["train"])
+  results = _results(spec, expected, actual, facts)
+  row = results["consumer/keras3_tfsm_layer/fit"]
+  assert not row.passed and words in row.detail, row
+  assert results["consumer/tf_keras_hub_layer/fit"].passed
+
+
+def test_a_fit_step_after_random_ops_must_move_its_moving_averages_and_stay_finite():
+  # 'mean' is updated after a random op (a drop path): the fit step's own
+  # random values give it another value than the module's step.
+  spec, expected, actual, facts = _with_consumers(random_updates={"mean"})
+  fit = actual.consumers["keras3_tfsm_layer"].fit
+  fit.non_trainable_after["mean"] += np.float32(0.05)
+  row = _results(spec, expected, actual, facts)["consumer/keras3_tfsm_layer/fit"]
+  assert row.passed and "1 updated after random ops: moved and finite" in row.detail
+  fit.non_trainable_after["mean"][0] = np.nan
+  row = _results(spec, expected, actual, facts)["consumer/keras3_tfsm_layer/fit"]
+  assert not row.passed and "'mean' is not finite" in row.detail
+  fit.non_trainable_after["mean"] = expected.variables["mean"].copy()  # Not moved.
+  row = _results(spec, expected, actual, facts)["consumer/keras3_tfsm_layer/fit"]
+  assert not row.passed and "left 'mean', the module's step changes it" in row.detail
+  # Without a random op before it, the same value fails the exact comparison.
+  spec, expected, actual, facts = _with_consumers()
+  actual.consumers["keras3_tfsm_layer"].fit.non_trainable_after["mean"] += np.float32(0.05)
+  assert not _results(spec, expected, actual, facts)[
+      "consumer/keras3_tfsm_layer/fit"].passed
+
+
+def test_a_fit_step_without_the_modules_step_fails_and_one_not_asked_for_has_no_row():
+  spec, expected, actual, facts = _with_consumers()
+  expected.steps["train"] = ExpectedStep(error="InvalidArgumentError: boom")
+  row = _results(spec, expected, actual, facts)["consumer/keras3_tfsm_layer/fit"]
+  assert not row.passed and "module's training step failed" in row.detail
+  spec, expected, actual, facts = _with_consumers()
+  actual.consumer_runs.remove("keras3_tfsm_layer/fit")
+  assert "consumer/keras3_tfsm_layer/fit" not in _results(spec, expected, actual, facts)
+
+
+def test_a_check_that_raises_becomes_a_failed_row():
+  def broken(spec, expected, actual, facts, tol):
+    yield compare.check("broken/first", True, "given before the error")
+    raise KeyError("signature 'x'")
+
+  checks = (verify_checks.Check("broken/<step>", broken),
+            verify_checks.CHECKS[0])
+  results = verify_checks.run_checks(*_sides(), checks=checks)
+  assert [(r.name, r.passed) for r in results] == [
+      ("broken/first", True), ("broken/<step>", False), ("metadata/source", True)]
+  assert results[1].detail == "the check raised KeyError: \"signature 'x'\""
+
+
+def test_the_report_escapes_module_text_on_every_line():
+  from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
+  name = "signature/evil\nFAKE ROW ok/\x1b[31mkey\u202e"
+  report = verify_lib.ParityReport(
+      old_path="old", new_path="new",
+      checks=[compare.check("metadata/source", True, "fine"),
+              compare.check(name, False, "output 'a\nb' differs")],
+      warnings=["signature 'x\ny' failed"], consumers_ran=["tf1_loader"],
+      consumers_skipped=["tflite"])
+  table = report.format_table()
+  lines = table.split("\n")
+  assert all(line.isprintable() for line in lines)
+  assert sum("FAKE ROW" in line for line in lines) == 2  # Its row and its FAIL line.
+  assert lines[2].startswith(errors.printable(name))
+  assert "consumers (default): ran tf1_loader; skipped as expensive: tflite" in table
+  summary = report.summary()
+  assert summary.isprintable() and "\\n" in summary and "\\x1b" in summary
+  assert "consumers: 1 ran, 1 skipped as expensive" in summary
+  data = json.loads(report.to_json())
+  assert data["checks"][1]["name"] == errors.printable(name)
+  assert data["checks"][1]["detail"] == "output 'a\\nb' differs"
+  assert data["first_failure"] == errors.printable(name)
+  assert data["warnings"] == ["signature 'x\\ny' failed"]
+  assert data["consumers"] == {"selection": "default", "ran": ["tf1_loader"],
+                               "skipped": ["tflite"]}

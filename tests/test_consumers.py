@@ -1,12 +1,19 @@
 """Every consumer of the converted model computes the goldens (issue 12).
 
-Each convertible fixture is converted once (`convert_cached`) and run
-through each runner of `migrate/consumers.py`: the TF1 loader in a Session,
-the C++ loader through TensorFlow's C API, TFLite, Keras 3's `TFSMLayer` and
-tf_keras' `hub.KerasLayer`, plus the real `saved_model_cli run`. Expected
-values are the goldens recorded by `hub.Module` (legacy_fixtures/goldens),
-never this converter's own outputs; tolerances come from
-`migrate/tolerances.py` through `migrate/compare.py`.
+Each convertible fixture is converted once (`convert_cached`) and verified
+once with every consumer run (`verify(..., consumers="all")`, the
+`verified_all` fixture of conftest): the TF1 loader in a Session, the C++
+loader through TensorFlow's C API, TFLite, Keras 3's `TFSMLayer` and
+tf_keras' `hub.KerasLayer`, with a fit step through each Keras layer. Each
+of those runs also gets the goldens' inputs, in the same load of the model,
+so one run per consumer and fixture gives both: the verification's row
+(against the TF1 module in a Session, on its seeded inputs) and the
+comparison with the goldens recorded by `hub.Module` (legacy_fixtures/goldens),
+never with this converter's own outputs. A fit step is compared with the
+module's training step on the same images in its verification row (the
+goldens' training step ran on other images). Plus the real `saved_model_cli
+run`. Tolerances come from `migrate/tolerances.py` through
+`migrate/compare.py`.
 """
 
 from __future__ import annotations
@@ -27,53 +34,43 @@ from migrate import consumers
 from migrate import convert
 from migrate import graph_rewrite
 from migrate import legacy_format
+from migrate import verify_spec
 from tests import conftest
 
 NAMES = conftest.convertible_fixture_names()
-
-
-def _fake_quant(name: str) -> bool:
-  module = legacy_format.read_module(conftest.module_path(name))
-  return any(node.op.startswith("FakeQuant") for v in module.variants.values()
-             for node in v.graph_def.node)
+KERAS = ["keras3_tfsm_layer", "tf_keras_hub_layer"]
 
 
 class _Fixture:
-  """A converted fixture, its goldens, and each consumer's result (run once)."""
+  """A converted fixture, its goldens, and its verification with every
+  consumer (`conftest.Verified`, run once)."""
 
-  def __init__(self, name: str, path: str):
+  def __init__(self, name: str, path: str, verified: conftest.Verified):
     self.name = name
     self.path = path
+    self.verified = verified
     self.meta = conftest.golden_meta(name)
     self.gold = conftest.golden_arrays(name)
-    self.fake_quant = _fake_quant(name)
+    self.module = legacy_format.read_module(conftest.module_path(name))
+    self.fake_quant = verify_spec.has_fake_quant(self.module)
     model = tf.saved_model.load(path)
     self.signature = model.metadata.source_signature.numpy().decode()
     self.output_key = model.metadata.source_output_key.numpy().decode()
     self.trainable = sorted(v.name.rsplit(":", 1)[0]
                             for v in model.trainable_variables)
-    self.inputs = {
-        tag: {"images": self.gold[f"images/{tag}"],
-              **{k: np.float32(v) for k, v in self.meta["infer_feeds"].items()}}
-        for tag in self.meta["batches"]}
+    self.inputs = {tag[len(conftest.Verified.GOLDEN):]: values
+                   for tag, values in verified.golden_inputs.items()}
     self.train_images = self.gold["images/" + self.meta["train_batch"]]
-    module = legacy_format.read_module(conftest.module_path(name))
-    self.stochastic_moving_averages = module.train is not None and (
-        graph_rewrite.depends_on_random(module.train.graph_def, module.train.update_ops))
-    self._results: dict[str, consumers.ConsumerResult] = {}
 
   def tolerance(self, entry: str) -> str:
     return f"{entry}_fake_quant" if self.fake_quant else entry
 
   def result(self, consumer: str) -> consumers.ConsumerResult:
-    if consumer not in self._results:
-      run = consumers.CONSUMERS[consumer].run
-      if consumer in ("keras3_tfsm_layer", "tf_keras_hub_layer"):
-        self._results[consumer] = run(self.path, self.inputs,
-                                      fit_images=self.train_images)
-      else:
-        self._results[consumer] = run(self.path, self.inputs)
-    return self._results[consumer]
+    return self.verified.result(consumer)
+
+  def row(self, name: str) -> compare.CheckResult:
+    assert self.verified.report is not None, self.verified.error
+    return self.verified.report.check(name)
 
   def golden_key(self, signature: str, key: str, tag: str) -> str:
     if signature in (consumers.SERVING_DEFAULT, build.SERVE_ENDPOINT, "__call__"):
@@ -84,9 +81,13 @@ class _Fixture:
 
   def check_outputs(self, result: consumers.ConsumerResult,
                     tolerance: str = "golden_inference") -> int:
+    """Compares the outputs on the goldens' inputs with the goldens."""
     assert result.ran, f"{result.consumer}: {result.not_applicable or result.error}"
     checked = 0
     for (signature, tag), outputs in sorted(result.outputs.items()):
+      if not tag.startswith(conftest.Verified.GOLDEN):
+        continue  # The verification's own inputs: its row compares them.
+      tag = tag[len(conftest.Verified.GOLDEN):]
       assert outputs, (signature, tag)
       for key, value in outputs.items():
         check = compare.compare(
@@ -97,46 +98,14 @@ class _Fixture:
         checked += 1
     return checked
 
-  def check_fit(self, result: consumers.ConsumerResult) -> None:
-    fit = result.fit
-    assert fit is not None, result.consumer
-    assert not fit.no_gradient_warnings, fit.no_gradient_warnings
-    assert fit.trainable == self.trainable, (
-        f"{result.consumer} trains other variables than trainable_variables")
-    assert fit.moved, "fit() changed no weight"
-    if self.stochastic_moving_averages:
-      # Drop path / drop connect before batch norms: fit's random values are its
-      # own, so are the moving averages (the training-mode contract, README
-      # "Verification"); test_parity compares them with the random values fed.
-      before = {var: self.gold[f"moving_before/{var}"]
-                for var in self.meta["non_trainable_variables"]}
-      after = {n: fit.non_trainable_after[n] for n in before}
-      assert all(np.isfinite(v).all() for v in after.values())
-      assert not compare.compare_many(f"{result.consumer}/fit/moved", after, before,
-                                      "variables").passed, "fit() moved no average"
-      return
-    if self.meta["train_signatures"]:
-      expected = {var: self.gold[f"moving_after/{var}"]
-                  for var in self.meta["non_trainable_variables"]}
-    else:  # No train graph: training changes nothing (the module's values).
-      reader = tf.train.load_checkpoint(os.path.join(
-          conftest.module_path(self.name), "variables", "variables"))
-      expected = {var: reader.get_tensor(var)
-                  for var in self.meta["non_trainable_variables"]}
-    actual = {n: fit.non_trainable_after[n] for n in expected}
-    check = compare.compare_many(f"{result.consumer}/fit/moving_averages",
-                                 actual, expected,
-                                 self.tolerance("golden_moving_averages"))
-    assert check.passed, str(check)
-
 
 @pytest.fixture(scope="module")
-def fixture(convert_cached):
+def fixture(convert_cached, verified_all):
   cache: dict[str, _Fixture] = {}
 
   def get(name: str) -> _Fixture:
     if name not in cache:
-      cache[name] = _Fixture(name, convert_cached(name))
+      cache[name] = _Fixture(name, convert_cached(name), verified_all(name))
     return cache[name]
 
   return get
@@ -164,13 +133,97 @@ def test_serving_default_through_the_consumer_gives_the_goldens(fixture, name, c
       len(f.meta["signatures"][f.signature]["outputs"]) * len(f.meta["batches"]))
 
 
-@pytest.mark.parametrize("consumer", ["keras3_tfsm_layer", "tf_keras_hub_layer"])
+@pytest.mark.parametrize("consumer", KERAS)
 @pytest.mark.parametrize("name", NAMES)
-def test_keras_predicts_and_fits_like_the_goldens(fixture, name, consumer):
+def test_keras_predicts_like_the_goldens(fixture, name, consumer):
   f = fixture(name)
-  result = f.result(consumer)
-  assert f.check_outputs(result) == len(f.meta["batches"])
-  f.check_fit(result)
+  assert f.check_outputs(f.result(consumer)) == len(f.meta["batches"])
+
+
+ROWS = ["tf1_loader", "c_api_loader", "tflite", "keras3_tfsm_layer",
+        "tf_keras_hub_layer"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_verification_has_a_passing_row_per_consumer(fixture, name):
+  f = fixture(name)
+  report = f.verified.report
+  assert report is not None, f.verified.error
+  for consumer in ROWS:
+    row = f.row(f"consumer/{consumer}")
+    assert row.passed, str(row)
+    assert row.detail.endswith("within tolerance"), row.detail  # Compared.
+  assert report.consumers_ran == list(consumers.selected("all").ran)
+  assert report.consumers_skipped == []
+  assert "skipped as expensive" not in report.format_table()
+
+
+@pytest.mark.parametrize("consumer", KERAS)
+@pytest.mark.parametrize("name", NAMES)
+def test_keras_fit_step_trains_like_the_module(fixture, name, consumer):
+  # One fit step through the layer (Keras 3: the `call_training` endpoint;
+  # tf_keras: hub.KerasLayer(trainable=True)) on the verification's
+  # training images, against the TF1 module's training step on them.
+  f = fixture(name)
+  row = f.row(f"consumer/{consumer}/fit")
+  assert row.passed, str(row)
+  fit = f.result(consumer).fit
+  assert not fit.no_gradient_warnings, fit.no_gradient_warnings
+  assert fit.trainable == f.trainable
+  assert fit.moved
+  # Moving averages after a random op (drop path, drop connect) are only
+  # "moved and finite" (the fit draws its own random values); every other
+  # variable, and every one of a deterministic module, is compared.
+  random = graph_rewrite.random_updated_variables(
+      (f.module.train or f.module.inference).graph_def,
+      (f.module.train or f.module.inference).update_ops)
+  exact = len(f.meta["variables"]) - len(f.trainable) - len(random)
+  assert row.detail.startswith(f"{exact} entries within tolerance"), row.detail
+  assert ("moved and finite" in row.detail) == bool(random)
+
+
+# Fixtures whose training path has random ops (golden meta "random_ops"),
+# and whether a batch norm comes after one.
+@pytest.mark.parametrize("name,after_random", [
+    ("nasnet_cell_droppath", True), ("efficientnet_defun_swish", True),
+    ("efficientnet_tf2_swish", True), ("inception_v2_tiny", False),
+    ("mobilenet_v1_bn_hparams", False), ("resnet_v2_tiny", False)])
+def test_moving_averages_after_random_ops_are_found(name, after_random):
+  module = legacy_format.read_module(conftest.module_path(name))
+  train = module.train
+  random = graph_rewrite.random_updated_variables(train.graph_def, train.update_ops)
+  meta = conftest.golden_meta(name)
+  assert bool(random) == after_random
+  assert random <= set(meta["non_trainable_variables"])
+  if after_random:  # The module's own record: random ops on its training path.
+    assert any(meta["random_ops"].values())
+    assert len(random) < len(meta["non_trainable_variables"])  # Not all of them.
+
+
+@pytest.mark.parametrize("name", ["nasnet_cell_droppath", "efficientnet_defun_swish"])
+def test_a_fit_step_after_random_ops_moves_the_rest_like_the_goldens(fixture, name):
+  # The rule of the fit rows, on the goldens (hub.Module's training step with
+  # its recorded random draws) and their training images: drop path /
+  # drop connect moving averages move and stay finite; all others equal the
+  # goldens. (The fit rows of test_keras_fit_step_trains_like_the_module
+  # prove it against the module's own step.)
+  f = fixture(name)
+  train = f.module.train
+  random = graph_rewrite.random_updated_variables(train.graph_def, train.update_ops)
+  result = consumers.keras3_tfsm_layer(
+      f.path, {"b1": {"images": f.train_images[:1]}}, fit_images=f.train_images)
+  fit = result.fit
+  assert fit is not None, result.error
+  exact = [n for n in f.meta["non_trainable_variables"] if n not in random]
+  check = compare.compare_many(
+      "fit/moving_averages", {n: fit.non_trainable_after[n] for n in exact},
+      {n: f.gold[f"moving_after/{n}"] for n in exact},
+      f.tolerance("golden_moving_averages"))
+  assert check.passed, str(check)
+  for n in random:
+    after = fit.non_trainable_after[n]
+    assert np.isfinite(after).all(), n
+    assert not np.array_equal(after, f.gold[f"moving_before/{n}"]), n
 
 
 @pytest.mark.parametrize("name", NAMES)

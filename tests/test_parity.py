@@ -303,9 +303,12 @@ def test_gradient_norms_match_goldens(converted, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_verify_passes(converted, name):
+def test_verify_passes(converted, verified_all, name):
+  # verify(..., consumers="all"), shared with tests/test_consumers.py.
   c = converted(name)
-  report = verify_lib.verify(conftest.module_path(name), c.path)
+  verified = verified_all(name)
+  report = verified.report
+  assert report is not None, verified.error
   assert report.passed, report.format_table()
   # The module's own gradients, or (lost custom gradients: TF 2.x swish) those of
   # the forward computation, as the report says.
@@ -415,13 +418,14 @@ def test_reference_in_a_child_process_gives_the_same_report(converted, name, opt
   pending.result()
   split = verify_lib.verify(src, c.path, reference=pending)
   child, this = "child process", "this process"
+  consumers = "consumers (each loads the saved files)"
   assert here.processes == {"module (TF1 Session)": this,
                             "converted model, inference and regularization": this,
-                            "converted model, training": this}
+                            "converted model, training": this, consumers: this}
   assert there.processes["module (TF1 Session)"] == child
   assert split.processes == {"module (TF1 Session)": child,
                              "converted model, inference and regularization": child,
-                             "converted model, training": this}
+                             "converted model, training": this, consumers: child}
   for report in (there, split):
     assert report.passed, report.format_table()
     assert [(r.name, r.max_abs_err) for r in report.checks] == [
