@@ -88,6 +88,7 @@ def clean_stale_files(dst_root: str, destinations: Iterable[str]) -> list[str]:
     for name in os.listdir(scratch):
       if _remove_if_dead(os.path.join(scratch, name), name.split("-", 1)[0]):
         removed.append(os.path.join(scratch, name))
+  # fileutil.atomic_write's temporary names: .<name>.tmp-<pid>-*
   state_tmp = re.compile(rf"^\.{re.escape(STATE_FILENAME)}\.tmp-(\d+)-")
   try:
     for name in os.listdir(dst_root):
