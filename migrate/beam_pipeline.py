@@ -6,12 +6,12 @@
                                          "--direct_num_workers=2",
                                          "--direct_running_mode=multi_threading"])
 
-Same semantics as `batch.run_batch`: the launcher hashes the sources and skips
-the modules that DST_ROOT's state records as up to date; the pipeline converts
-and verifies the rest, one module per element, each in its own worker process
-(`isolation.run_isolated`, so a TensorFlow crash costs one element, not the
-Beam worker); the launcher records the outcomes in the state file and returns
-the `BatchReport`.
+The batch's own skeleton (`batch.BatchRunner.run`: the launcher hashes the
+sources, skips the modules that DST_ROOT's state records as up to date,
+records the outcomes and returns the `BatchReport`) with another executor,
+`BeamExecutor`: the pipeline converts and verifies the rest, one module per
+element, each in its own worker process (`isolation.run_isolated`, so a
+TensorFlow crash costs one element, not the Beam worker).
 
 On a distributed runner (Dataflow, Flink, Spark) DST_ROOT and local sources
 must be a file system that every worker mounts at the same path (the
@@ -33,34 +33,35 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options import pipeline_options as beam_options
 
 from migrate import batch
+from migrate import options as options_lib
 
 
 class ConvertModuleFn(beam.DoFn):
   """Converts and verifies one module per element (a dict of a `batch.Source`)."""
 
-  def __init__(self, dst_root: str, options: batch.ConvertOptions,
-               timeout: Optional[float], threads_per_worker: Optional[int],
-               max_archive_bytes: int):
+  def __init__(self, dst_root: str, options: options_lib.ConvertOptions,
+               threads_per_worker: Optional[int], max_archive_bytes: int,
+               memory_limit: Optional[int]):
     super().__init__()
     self._dst_root = dst_root
     self._options = options
-    self._timeout = timeout
     self._threads = threads_per_worker
     self._max_archive_bytes = max_archive_bytes
+    self._memory_limit = memory_limit
     self._runner: Optional[batch.BatchRunner] = None
 
   def setup(self):
     self._runner = batch.BatchRunner(
-        self._dst_root, jobs=1, timeout=self._timeout, options=self._options,
-        on_progress=None, quiet=True, threads_per_worker=self._threads,
-        max_archive_bytes=self._max_archive_bytes)
+        self._dst_root, self._options, jobs=1, quiet=True,
+        threads_per_worker=self._threads,
+        max_archive_bytes=self._max_archive_bytes,
+        memory_limit=self._memory_limit)
 
   def process(self, element: dict[str, Any]):
     source = batch.Source(**element["source"])
@@ -81,40 +82,29 @@ def build_pipeline(pipeline: beam.Pipeline, elements: Sequence[dict[str, Any]],
                                            file_name_suffix=".jsonl"))
 
 
-def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
-                 options: Optional[batch.ConvertOptions] = None,
-                 timeout: Optional[float] = None,
-                 pipeline_args: Optional[Sequence[str]] = None,
-                 threads_per_worker: Optional[int] = None,
-                 max_archive_bytes: int = batch.MAX_ARCHIVE_BYTES) -> batch.BatchReport:
-  """Runs the batch on a Beam runner (DirectRunner by default); -> BatchReport."""
-  options = options or batch.ConvertOptions()
-  sources = batch.output_destinations(sources, options.output_format)
-  dst_root = os.path.abspath(dst_root)
-  started_at = batch.now_iso()
-  work_dir = os.path.join(dst_root, batch.WORK_DIRNAME)
-  args = list(pipeline_args or ["--runner=DirectRunner"])
-  pipeline_opts = beam_options.PipelineOptions(args)
-  jobs = pipeline_opts.view_as(beam_options.DirectOptions).direct_num_workers or 1
-  os.makedirs(work_dir, exist_ok=True)
-  lock = batch.RunLock(dst_root)
-  runner = batch.BatchRunner(dst_root, jobs=max(1, jobs), timeout=timeout,
-                             options=options, on_progress=None, quiet=True,
-                             threads_per_worker=threads_per_worker,
-                             max_archive_bytes=max_archive_bytes)
-  results_dir = tempfile.mkdtemp(prefix=f"beam-{os.getpid()}-", dir=work_dir)
-  try:
-    batch.clean_stale_files(dst_root, [s.destination for s in sources])
-    outcomes, todo = runner.plan(sources)
-    elements = [{"index": i, "source": dataclasses.asdict(source), "sha256": sha,
-                 "size": size}  # For the default time limit.
-                for i, source, sha, size in todo]
-    if elements:
-      fn = ConvertModuleFn(dst_root, options, timeout, threads_per_worker,
-                           max_archive_bytes)
-      with beam.Pipeline(options=pipeline_opts) as pipeline:
-        build_pipeline(pipeline, elements, os.path.join(results_dir, "outcomes"), fn)
+class BeamExecutor:
+  """Executes a batch's work items as a Beam pipeline (`batch.Executor`);
+  the outcomes come back as JSON lines through `DST_ROOT/.migrate-batch/beam-*`."""
+
+  def __init__(self, pipeline_options: beam_options.PipelineOptions):
+    self.pipeline_options = pipeline_options
+
+  def execute(self, runner: batch.BatchRunner, todo: Sequence[batch.Todo]
+              ) -> dict[int, batch.ModuleOutcome]:
+    os.makedirs(runner.work_dir, exist_ok=True)
+    results_dir = tempfile.mkdtemp(prefix=f"beam-{os.getpid()}-",
+                                   dir=runner.work_dir)
+    try:
+      elements = [{"index": i, "source": dataclasses.asdict(source),
+                   "sha256": sha, "size": size}  # For the default time limit.
+                  for i, source, sha, size in todo]
+      fn = ConvertModuleFn(runner.dst_root, runner.options, runner.threads,
+                           runner.max_archive_bytes, runner.memory_limit)
+      with beam.Pipeline(options=self.pipeline_options) as pipeline:
+        build_pipeline(pipeline, elements, os.path.join(results_dir, "outcomes"),
+                       fn)
       by_index = {i: source for i, source, _, _ in todo}
+      outcomes = {}
       for path in sorted(glob.glob(os.path.join(results_dir, "outcomes*.jsonl"))):
         with open(path, encoding="utf-8") as f:
           for line in f:
@@ -124,20 +114,37 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
             outcome = batch.ModuleOutcome(**data["outcome"])
             runner.record(by_index[data["index"]], outcome)
             outcomes[data["index"]] = outcome
-      for i, source, sha, _ in todo:
-        if i not in outcomes:  # Should not happen: Beam retries failed bundles.
-          outcomes[i] = batch.ModuleOutcome(
-              source=source.location, destination=source.destination,
-              kind=source.kind, status=batch.STATUS_FAILED,
-              exit_code=int(batch.errors.ExitCode.INTERNAL), source_sha256=sha,
-              error=f"{source.location}: expected an outcome from the pipeline, "
-              f"found none")
-  finally:
-    shutil.rmtree(results_dir, ignore_errors=True)
-    batch.remove_empty_work_dir(dst_root)
-    lock.release()
-  return batch.BatchReport(
-      dst_root=dst_root, jobs=max(1, jobs), started_at=started_at,
-      seconds=time.monotonic() - runner.started,
-      modules=[outcomes[i] for i in sorted(outcomes)],
-      state_path=runner.state.path)
+      return outcomes
+    finally:
+      shutil.rmtree(results_dir, ignore_errors=True)
+
+  def missing(self, source: batch.Source) -> str:
+    # Should not happen: Beam retries failed bundles.
+    return (f"{source.location}: expected an outcome from the pipeline, found "
+            f"none")
+
+
+def run_pipeline(sources: Sequence[batch.Source], dst_root: str,
+                 options: Optional[options_lib.ConvertOptions] = None, *,
+                 pipeline_args: Optional[Sequence[str]] = None,
+                 threads_per_worker: Optional[int] = None,
+                 max_archive_bytes: int = batch.MAX_ARCHIVE_BYTES,
+                 **keywords: Any) -> batch.BatchReport:
+  """Runs the batch on a Beam runner (DirectRunner by default); -> BatchReport.
+
+  `options` and `keywords` as for `batch.run_batch`. A memory limit applies
+  only if `options.memory_limit` is given: the launcher does not know the
+  workers' machines.
+  """
+  options = options_lib.build(options, **keywords)
+  pipeline_options = beam_options.PipelineOptions(
+      list(pipeline_args or ["--runner=DirectRunner"]))
+  jobs = max(1, pipeline_options.view_as(
+      beam_options.DirectOptions).direct_num_workers or 1)
+  runner = batch.BatchRunner(
+      dst_root, options, jobs=jobs, quiet=True,
+      threads_per_worker=threads_per_worker,
+      max_archive_bytes=max_archive_bytes,
+      memory_limit=(None if options.memory_limit is None
+                    else options.memory_limit_bytes(jobs)))
+  return runner.run(sources, BeamExecutor(pipeline_options))

@@ -1,15 +1,21 @@
 """BUILD stage: one TF2 object over the module's graphs and one set of variables.
 
-The module's checkpoint is restored once into eager resource variables. Each
-MetaGraph (tag set `set()` and, if present, `{"train"}`) is imported inside
-`tf.compat.v1.wrap_function` with `input_map` sending every VarHandleOp to the
-captured handle of the shared variable, so both graphs read and update the
-same variables. `prune` then cuts one function per graph variant:
+The module's checkpoint is restored once into eager resource variables
+(reference-variable graphs are first rewritten to resource ops:
+`graph_rewrite.to_resource_variables`). For each function the model needs,
+`_GraphIndex` cuts from the MetaGraph's GraphDef the subgraph its fetches
+need and imports only that inside `tf.compat.v1.wrap_function`, with
+`input_map` sending the feeds to the function's inputs and every
+VarHandleOp to the captured handle of the shared variable, so that all
+functions read and update the same variables:
 
-- inference: every output of every signature (one copy of the graph);
-- train: the chosen output plus the update ops (UPDATE_OPS, or the in-place
-  updates of reference-variable graphs rewritten to resource ops);
-- regularization losses: all REGULARIZATION_LOSSES tensors.
+- inference (tag set `set()`): every output of every signature, in one
+  function;
+- train (`{"train"}`, if present): the chosen output plus the update ops
+  (UPDATE_OPS, or the in-place updates of rewritten reference variables),
+  without the output dropout unless it is kept (`graph_rewrite`);
+- regularization losses: one zero-argument function per
+  REGULARIZATION_LOSSES tensor.
 
 Gradients: each graph first goes through `graph_rewrite.repair_gradients`;
 every IdentityN it puts after a call with a library gradient gets, at import,
@@ -116,6 +122,40 @@ def _variables_with_gradient(graph_def, tensor: str) -> set[str]:
   return found
 
 
+class Checkpoint:
+  """The module's checkpoint, holding `names` (the BUILD stages' one reader).
+
+  Every failure (unreadable, a name missing, a value that cannot be read) is
+  a `CorruptModuleError` naming the checkpoint.
+  """
+
+  def __init__(self, module: legacy_format.LegacyModule, names: Sequence[str]):
+    self.prefix = module.checkpoint_prefix
+    try:
+      self.reader = tf.train.load_checkpoint(self.prefix)
+      self.shapes = self.reader.get_variable_to_shape_map()
+      self.dtypes = self.reader.get_variable_to_dtype_map()
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
+      raise errors.CorruptModuleError(
+          f"{self.prefix}: expected a readable checkpoint, found "
+          f"{type(e).__name__}: {errors.first_line(e)}") from None
+    missing = [n for n in names if n not in self.shapes]
+    if missing:
+      raise errors.CorruptModuleError(
+          f"{self.prefix}: the variables index does not match the graph: "
+          f"expected {len(names)} variables, missing {len(missing)} (e.g. "
+          f"'{missing[0]}')")
+
+  def value(self, name: str):
+    """The value of variable `name` (a NumPy array)."""
+    try:
+      return self.reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
+      raise errors.CorruptModuleError(
+          f"{self.prefix}: expected a value for variable '{name}', found "
+          f"{type(e).__name__}: {errors.first_line(e)}") from None
+
+
 def _create_variables(module: legacy_format.LegacyModule,
                       trainable: set[str]) -> dict[str, tf.Variable]:
   """One eager variable per graph variable, restored from the checkpoint;
@@ -136,39 +176,21 @@ def _create_variables(module: legacy_format.LegacyModule,
         order.append(name)
   if not in_graph:
     return {}
-  try:
-    reader = tf.train.load_checkpoint(module.checkpoint_prefix)
-    shapes = reader.get_variable_to_shape_map()
-    dtypes = reader.get_variable_to_dtype_map()
-  except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
-    raise errors.CorruptModuleError(
-        f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
-        f"{type(e).__name__}: {errors.first_line(e)}") from None
-  missing = [n for n in order if n not in shapes]
-  if missing:
-    raise errors.CorruptModuleError(
-        f"{module.checkpoint_prefix}: the variables index does not match the "
-        f"graph: expected {len(order)} variables, missing {len(missing)} "
-        f"(e.g. '{missing[0]}')")
+  checkpoint = Checkpoint(module, order)
   variables = {}
   for name in order:
     dtype, shape = in_graph[name]
-    if shape.rank is not None and list(shape) != list(shapes[name]):
+    if shape.rank is not None and list(shape) != list(checkpoint.shapes[name]):
       raise errors.CorruptModuleError(
           f"{module.checkpoint_prefix}: the variables index does not match the "
-          f"graph: variable '{name}' has shape {list(shapes[name])} in the "
-          f"checkpoint, {shape.as_list()} in the graph")
-    if dtypes[name] != dtype:
+          f"graph: variable '{name}' has shape {list(checkpoint.shapes[name])} "
+          f"in the checkpoint, {shape.as_list()} in the graph")
+    if checkpoint.dtypes[name] != dtype:
       raise errors.CorruptModuleError(
           f"{module.checkpoint_prefix}: the variables index does not match the "
-          f"graph: variable '{name}' has dtype {dtypes[name].name} in the "
-          f"checkpoint, {dtype.name} in the graph")
-    try:
-      value = reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
-      raise errors.CorruptModuleError(
-          f"{module.checkpoint_prefix}: expected a value for variable '{name}', "
-          f"found {type(e).__name__}: {errors.first_line(e)}") from None
+          f"graph: variable '{name}' has dtype {checkpoint.dtypes[name].name} in "
+          f"the checkpoint, {dtype.name} in the graph")
+    value = checkpoint.value(name)
     variables[name] = tf.Variable(value, dtype=dtype, name=name,
                                   trainable=name in trainable)
   return variables

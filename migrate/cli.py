@@ -1,104 +1,325 @@
 """`migrate-hub-module`: the command line. The only module with flags and prints.
 
-    migrate-hub-module SRC DST [--signature=] [--output_key=] [--overwrite]
-                       [--keep_output_dropout] [--noverify] [--keep_failed]
-                       [--report=FILE.json] [--allow_unsafe_ops]
-                       [--consumers=default|all]
-    migrate-hub-module SRC DST.keras [...]   (a native Keras 3 model)
-    migrate-hub-module verify OLD NEW [--report=FILE.json] [--consumers=default|all]
-    migrate-hub-module batch SRC_ROOT DST_ROOT [--manifest=FILE.csv] [--jobs=N]
-                       [--timeout=SECONDS] [--report=FILE.json,FILE.csv]
-                       [--format=savedmodel|keras]
+    migrate-hub-module [flags] SRC DST                  convert one module
+    migrate-hub-module [flags] SRC DST.keras            ... into a native Keras 3 model
+    migrate-hub-module verify [flags] OLD NEW           check a pair made earlier
+    migrate-hub-module batch [flags] SRC_ROOT DST_ROOT  convert every module in a tree
 
-Exit codes (see migrate/errors.py): 0 ok, 1 internal error, 2 usage,
-3 input not found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt
-module, 7 output problem, 8 unsafe ops, 9 parity failure, 10 batch with
-failures, 11 TensorFlow crashed on the module, 12 timeout, 13 out of memory,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+`-h`/`--help` on each command lists its arguments and flags. The flags of a
+conversion are the fields of `migrate.options.ConvertOptions` (same names):
+this module builds one `ConvertOptions` from them and passes it on. Flags
+may stand before, between or after the arguments; a boolean flag `--x` also
+takes `--nox` and `--x=true|false`. Exit codes: `migrate/errors.py`.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import dataclasses
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+import textwrap
+from typing import Callable, Optional, Sequence
 
 # TensorFlow runs only in child processes (migrate.isolation); this process
 # never imports it, so it starts fast and prints only its own lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
-from absl import logging
-
+import migrate  # pylint: disable=g-import-not-at-top
+from migrate import options as options_lib
 from migrate.errors import ExitCode, MigrationError, first_line, printable
 
 PROG = "migrate-hub-module"
 
-_SIGNATURE = flags.DEFINE_string(
-    "signature", None, "TF1 signature behind __call__ (default: the one that "
-    "'default' duplicates, else image_feature_vector, else "
-    "image_classification).")
-_OUTPUT_KEY = flags.DEFINE_string(
-    "output_key", None, "Output of that signature (default: 'default', or the "
-    "only output).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing DST.")
-_KEEP_OUTPUT_DROPOUT = flags.DEFINE_bool(
-    "keep_output_dropout", False, "Keep dropout that the train graph applies "
-    "to the output features (against the image feature vector API).")
-_VERIFY = flags.DEFINE_bool(
-    "verify", True, "Check parity with the TF1 module before the output is "
-    "moved into place (--noverify skips it; the output is then unverified).")
-_KEEP_FAILED = flags.DEFINE_bool(
-    "keep_failed", False, "Keep a model that fails parity at "
-    "DST.failed-parity for inspection.")
-_REPORT = flags.DEFINE_string("report", None, "Write the parity (or batch) "
-                              "report as JSON to this file.")
-_ALLOW_UNSAFE_OPS = flags.DEFINE_bool(
-    "allow_unsafe_ops", False, "Convert modules whose graphs contain ops that "
-    "reach the file system, the network or the Python process.")
-_TIMEOUT = flags.DEFINE_float(
-    "timeout", None, "Stop the work on a module after this many seconds "
-    "(batch: per module). Default: 600 s plus 6 s per MiB of the module; 0: "
-    "no limit.", lower_bound=0)
-_MEMORY_LIMIT = flags.DEFINE_float(
-    "memory_limit", None, "GiB of memory (data segment) each TensorFlow "
-    "process may use; beyond it the module fails with exit code 13. Default: "
-    "3/4 of the machine's memory shared by the processes that run at once "
-    "(2 per conversion, 1 per batch worker), at least 2 GiB; 0: no limit.",
-    lower_bound=0)
-# The consumer runs of verification (migrate/consumers.py): keyword
-# `consumers` of convert.convert, convert.verify_existing, batch.ConvertOptions.
-_CONSUMERS = flags.DEFINE_enum(
-    "consumers", "default", ["default", "all"], "Which consumers of the "
-    "converted SavedModel verification runs it through, each compared with "
-    "the TF1 module: default the TF1 loader (saved_model_cli), the C API "
-    "loader (TF Serving's) and the Keras layers' inference; all also TFLite "
-    "and a Keras fit step through each layer (slower).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
-                             "the traceback.")
-# Batch-only flags (migrate-hub-module batch).
-_MANIFEST = flags.DEFINE_string(
-    "manifest", None, "batch: convert the modules listed in this CSV (columns "
-    "source, destination[, signature, output_key]; relative sources resolve "
-    "under SRC_ROOT, relative destinations under DST_ROOT) instead of "
-    "scanning SRC_ROOT.")
-_JOBS = flags.DEFINE_integer(
-    "jobs", None, "batch: modules converted at a time, each in its own worker "
-    "process (default: the number of cores).", lower_bound=1)
-# The native Keras 3 output (migrate/keras_*.py): a DST ending in .keras.
-_FORMAT = flags.DEFINE_enum(
-    "format", None, ["savedmodel", "keras"], "Output format: a TF2 "
-    "SavedModel directory, or a native Keras 3 model file (.keras, built-in "
-    "layers only; verified on every installed Keras backend). Default: keras "
-    "for a DST ending in .keras, else savedmodel; batch: savedmodel, keras "
-    "writes DST_ROOT/<module>.keras.")
-_BEAM_ARGS = flags.DEFINE_string(
-    "beam_args", None, "batch: run the batch as an Apache Beam pipeline with "
-    "these pipeline options, e.g. '--runner=DirectRunner "
-    "--direct_num_workers=2' (needs the [beam] extra).")
+_EXIT_CODES = """\
+exit codes:
+  0 ok, 1 internal error (a bug: rerun with --verbose), 2 usage, 3 input not
+  found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt module,
+  7 output problem, 8 unsafe ops, 9 parity failure, 10 batch with failures,
+  11 TensorFlow crashed on the module, 12 timeout, 13 out of memory,
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM)"""
+
+
+# -- the flags -----------------------------------------------------------------
+# A flag whose name is a field of ConvertOptions sets that field (see
+# `_options`); the others are the CLI's own. Unset flags are absent from the
+# parsed arguments (argparse.SUPPRESS): the dataclass's defaults apply.
+
+
+class _Bool(argparse.Action):
+  """A boolean flag `--x`, with `--nox` (as absl spells it) to turn it off."""
+
+  def __init__(self, option_strings, dest, **kwargs):
+    name = option_strings[0][2:]
+    super().__init__([f"--{name}", f"--no{name}"], dest, nargs=0, **kwargs)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, not option_string.startswith("--no"))
+
+  def format_usage(self) -> str:
+    return " | ".join(self.option_strings)
+
+
+def _non_negative(text: str) -> float:
+  value = float(text)
+  if not value >= 0:
+    raise ValueError(text)
+  return value
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise ValueError(text)
+  return value
+
+
+_non_negative.__name__ = "non-negative number"  # What argparse's error names.
+_positive_int.__name__ = "positive integer"
+
+
+def _conversion_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that say what to convert and how (convert and batch)."""
+  g = parser.add_argument_group("conversion")
+  g.add_argument("--signature", metavar="NAME", help=(
+      "TF1 signature behind __call__ (default: the one that 'default' "
+      "duplicates, else image_feature_vector, else image_classification)"))
+  g.add_argument("--output_key", metavar="KEY", help=(
+      "output of that signature (default: 'default', or the only output)"))
+  g.add_argument("--overwrite", action=_Bool, help="replace an existing DST")
+  g.add_argument("--keep_output_dropout", action=_Bool, help=(
+      "keep dropout that the train graph applies to the output features "
+      "(against the image feature vector API)"))
+  g.add_argument("--verify", action=_Bool, help=(
+      "check parity with the TF1 module before the output is moved into "
+      "place (default; --noverify skips it: the output is then unverified)"))
+  g.add_argument("--keep_failed", action=_Bool, help=(
+      "keep a model that fails parity at DST.failed-parity for inspection"))
+  g.add_argument("--format", dest="output_format", choices=options_lib.FORMATS,
+                 help=("output format: a TF2 SavedModel directory, or a native "
+                       "Keras 3 model file (.keras). Default: keras for a DST "
+                       "ending in .keras, else savedmodel; batch: savedmodel, "
+                       "keras writes DST_ROOT/<module>.keras"))
+
+
+def _scan_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of what is proven (convert, verify and batch)."""
+  g = parser.add_argument_group("safety")
+  g.add_argument("--allow_unsafe_ops", action=_Bool, help=(
+      "accept modules whose graphs contain ops that reach the file system, "
+      "the network or the Python process (exit 8 otherwise)"))
+  g.add_argument("--consumers", choices=("default", "all"), help=(
+      "which consumers of the converted SavedModel verification loads it "
+      "through, each compared with the TF1 module: default the TF1 loader "
+      "(saved_model_cli), the C API loader (TF Serving's) and the Keras "
+      "layers' inference; all also TFLite and a Keras fit step through each "
+      "layer (slower)"))
+
+
+def _run_flags(parser: argparse.ArgumentParser, *, batch: bool = False) -> None:
+  """Limits, reports and diagnostics (every command)."""
+  g = parser.add_argument_group("run")
+  g.add_argument("--timeout", metavar="SECONDS", type=_non_negative, help=(
+      f"stop the work on a module after this many seconds{' (per module)' if batch else ''}; "
+      f"default: 600 s plus 6 s per MiB of the module; 0: no limit"))
+  g.add_argument("--memory_limit", metavar="GIB", type=_non_negative, help=(
+      "GiB of memory (data segment) each TensorFlow process may use; beyond "
+      "it the module fails with exit code 13. Default: 3/4 of the machine's "
+      "memory shared by the processes that run at once (2 per conversion, 1 "
+      "per batch worker), at least 2 GiB; 0: no limit"))
+  g.add_argument("--report", metavar="FILE.json,FILE.csv" if batch else "FILE.json",
+                 help=("write the batch report to these files (JSON or CSV, by "
+                       "extension)" if batch else
+                       "write the parity report as JSON to this file"))
+  g.add_argument("--verbose", action=_Bool,
+                 help="on an internal error, print the traceback")
+
+
+def _batch_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("batch")
+  g.add_argument("--manifest", metavar="FILE.csv", help=(
+      "convert the modules listed in this CSV (columns source, destination[, "
+      "signature, output_key]; relative sources resolve under SRC_ROOT, "
+      "relative destinations under DST_ROOT) instead of scanning SRC_ROOT"))
+  g.add_argument("--jobs", metavar="N", type=_positive_int, help=(
+      "modules converted at a time, each in its own worker process (default: "
+      "the number of cores)"))
+  g.add_argument("--beam_args", metavar="ARGS", help=(
+      "run the batch as an Apache Beam pipeline with these pipeline options "
+      "(a quoted string, as for the DirectRunner: \"--runner=DirectRunner "
+      "--direct_num_workers=2\"; needs the [beam] extra)"))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Shows a boolean flag as `--[no]x`, as absl did."""
+
+  def _format_action_invocation(self, action):
+    if isinstance(action, _Bool):
+      return f"--[no]{action.option_strings[0][2:]}"
+    return super()._format_action_invocation(action)
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line and exit code 2 (`_UsageError`)."""
+
+  def error(self, message: str):
+    raise _UsageError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+  """A command: its arguments (names, what each is) and its parser."""
+
+  name: Optional[str]  # None: the conversion (no command word).
+  arguments: tuple[tuple[str, str], ...]
+  summary: str  # In the list of commands.
+  description: str  # At the top of its help.
+  add_flags: Callable[[argparse.ArgumentParser], None]
+
+  @property
+  def words(self) -> str:
+    return " ".join(([self.name] if self.name else []) +
+                    [a for a, _ in self.arguments])
+
+  def usage(self) -> str:
+    return f"{PROG} {(self.name + ' ') if self.name else ''}[flags] " + " ".join(
+        a for a, _ in self.arguments)
+
+  def parser(self) -> _Parser:
+    def item(name: str, text: str, width: int) -> list[str]:
+      return textwrap.wrap(text, 79, initial_indent=f"  {name:<{width}} ",
+                           subsequent_indent=" " * (width + 3))
+    lines = textwrap.wrap(self.description, 79) + ["", "arguments:"]
+    for a, what in self.arguments:
+      lines += item(a, what, 9)
+    if self.name is None:
+      lines += ["", "commands:"]
+      for c in COMMANDS:
+        lines += item(c.words, c.summary, 24)
+      lines += [f"  ({PROG} COMMAND --help describes each)"]
+    parser = _Parser(
+        prog=PROG if self.name is None else f"{PROG} {self.name}",
+        usage="\n       ".join([self.usage()] + (
+            [c.usage() for c in COMMANDS[1:]] if self.name is None else [])),
+        description="\n".join(lines), epilog=_EXIT_CODES,
+        formatter_class=_Formatter,
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version",
+                        version=f"{PROG} {migrate.__version__}")
+    self.add_flags(parser)
+    return parser
+
+
+def _convert_flags(parser: argparse.ArgumentParser) -> None:
+  _conversion_flags(parser)
+  _scan_flags(parser)
+  _run_flags(parser)
+
+
+def _verify_flags(parser: argparse.ArgumentParser) -> None:
+  _scan_flags(parser)
+  _run_flags(parser)
+
+
+def _all_batch_flags(parser: argparse.ArgumentParser) -> None:
+  _batch_flags(parser)
+  _conversion_flags(parser)
+  _scan_flags(parser)
+  _run_flags(parser, batch=True)
+
+
+COMMANDS = (
+    _Command(None, (("SRC", "a TF1 Hub module directory (hub.Module format)"),
+                    ("DST", "the output: a TF2 SavedModel directory, or a "
+                            "native Keras 3 model if it ends in .keras")),
+             "convert one module (no command word)",
+             "Convert a TF1 Hub image module (hub.Module format) into a TF2 "
+             "Reusable SavedModel, or a native Keras 3 model, and prove that "
+             "it computes what the module did before it appears at DST.",
+             _convert_flags),
+    _Command("verify", (("OLD", "the TF1 Hub module"),
+                        ("NEW", "a model converted from it (a SavedModel "
+                                "directory or a .keras file)")),
+             "check a converted model against its module",
+             "Check that NEW, converted earlier (or by other means), computes "
+             "what the TF1 module OLD did: the same parity checks as a "
+             "conversion.", _verify_flags),
+    _Command("batch", (("SRC_ROOT", "a tree of TF1 Hub modules and .tar.gz "
+                                    "module archives (or see --manifest)"),
+                       ("DST_ROOT", "where the converted tree goes (and the "
+                                    "batch's state, for resuming)")),
+             "convert every module of a tree, resumably",
+             "Convert and verify every module under SRC_ROOT (or listed in "
+             "--manifest), each in its own worker process, into the same tree "
+             "under DST_ROOT. A rerun skips what is up to date. The conversion "
+             "flags apply to every module.", _all_batch_flags),
+)
+
+
+# -- parsing ---------------------------------------------------------------------
+
+_BOOLEANS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}
+
+
+def _command(args: Sequence[str]) -> tuple[_Command, list[str]]:
+  """The command (the first argument that is not a flag or a flag's value)
+  and the arguments without its word."""
+  takes_value = {s for p in [COMMANDS[0].parser(), COMMANDS[2].parser()]
+                 for a in p._actions if a.nargs is None  # pylint: disable=protected-access
+                 for s in a.option_strings}
+  skip = False
+  for i, arg in enumerate(args):
+    if skip:
+      skip = False
+    elif arg == "--":
+      break
+    elif arg.startswith("-"):
+      skip = arg in takes_value
+    else:
+      for command in COMMANDS[1:]:
+        if command.name == arg:
+          return command, [*args[:i], *args[i + 1:]]
+      break
+  return COMMANDS[0], list(args)
+
+
+def _parse(command: _Command, args: Sequence[str]) -> argparse.Namespace:
+  """Parses `args` (without the command word); `_UsageError` for a wrong
+  command line. `--help` and `--version` print and exit 0 (SystemExit)."""
+  parser = command.parser()
+  booleans = {s for a in parser._actions if isinstance(a, _Bool)  # pylint: disable=protected-access
+              for s in a.option_strings}
+  normal = []
+  for arg in args:
+    flag, eq, value = arg.partition("=")
+    if eq and flag in booleans and value.lower() in _BOOLEANS:
+      # absl's spelling `--x=false`: argparse takes `--x` / `--nox`.
+      on = _BOOLEANS[value.lower()] != flag.startswith("--no")
+      flag = "--" + flag[len("--no") if flag.startswith("--no") else 2:]
+      arg = flag if on else "--no" + flag[2:]
+    normal.append(arg)
+  parsed, unknown = parser.parse_known_intermixed_args(normal)
+  flags = [a for a in unknown if a.startswith("-")]
+  if flags:
+    raise _UsageError(f"Unknown command line flag "
+                      f"'{flags[0].lstrip('-').split('=', 1)[0]}'")
+  paths = getattr(parsed, "paths", []) + unknown
+  if len(paths) != len(command.arguments):
+    words = " ".join(a for a, _ in command.arguments)
+    raise _UsageError(
+        f"expected {words}, found {len(paths)} argument(s)" if command.name is None
+        else f"{command.name} takes {words}, found {len(paths)} argument(s)")
+  parsed.paths = paths
+  return parsed
+
+
+def _options(args: argparse.Namespace) -> options_lib.ConvertOptions:
+  """The ConvertOptions of the flags given (a flag sets the field of its name)."""
+  return options_lib.ConvertOptions(**{
+      f.name: getattr(args, f.name) for f in dataclasses.fields(
+          options_lib.ConvertOptions) if hasattr(args, f.name)})
 
 
 _MAX_ERROR_CHARS = 4000  # A module can make a message long (names it quotes).
@@ -147,23 +368,6 @@ def _interruption(signalled: BaseException, what: str) -> MigrationError:
   return errors.InterruptedByUser(f"{what}: interrupted (Ctrl-C)")
 
 
-def _memory_limit(processes: int) -> Optional[int]:
-  from migrate import isolation  # pylint: disable=g-import-not-at-top
-  if _MEMORY_LIMIT.value is None:
-    return isolation.default_memory_limit(processes)
-  return int(_MEMORY_LIMIT.value * 2**30) or None
-
-
-def _timeout_for(src: str) -> Optional[float]:
-  """--timeout, or the default for a module of this size (None: no limit)."""
-  from migrate import fileutil  # pylint: disable=g-import-not-at-top
-  from migrate import preflight
-  if _TIMEOUT.value is not None:
-    return _TIMEOUT.value or None
-  return preflight.default_timeout(
-      sum(f.size for f in fileutil.source_files(src)))
-
-
 def _shape(shape) -> str:
   return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
@@ -191,24 +395,26 @@ def _print_conversion(r: dict) -> None:
   _print_out("\n".join(lines))
 
 
-def _check_reports_outside(*inputs: str) -> None:
+def _report_paths(args: argparse.Namespace) -> list[str]:
+  return [p.strip() for p in getattr(args, "report", "").split(",") if p.strip()]
+
+
+def _check_reports_outside(args: argparse.Namespace, *inputs: str) -> None:
   """Refuses a --report file inside an input (by inode): SRC is never written."""
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import staging
-  for path in (_REPORT.value or "").split(","):
-    if not path.strip():
-      continue
-    target = os.path.dirname(os.path.realpath(path.strip()))
+  for path in _report_paths(args):
+    target = os.path.dirname(os.path.realpath(path))
     for given in inputs:
       if os.path.isdir(given) and staging.is_within(target, given):
         raise errors.OutputError(
-            f"{path.strip()}: expected a report path outside the input {given}, "
+            f"{path}: expected a report path outside the input {given}, "
             f"found it inside (the input is never modified)")
 
 
-def _write_report(report_json: str) -> None:
-  if _REPORT.value and report_json:
-    with open(_REPORT.value, "w", encoding="utf-8") as f:
+def _write_report(args: argparse.Namespace, report_json: str) -> None:
+  if getattr(args, "report", None) and report_json:
+    with open(args.report, "w", encoding="utf-8") as f:
       f.write(report_json)
 
 
@@ -220,83 +426,82 @@ def _reference_prestart(src: str) -> tuple[str, ...]:
   return ("migrate.verify",) if preflight.reference_child_pays(prefix) else ()
 
 
-def _check_format(dst: str) -> None:
-  """--format must agree with DST's name (a .keras file or a directory)."""
-  from migrate import keras_format  # pylint: disable=g-import-not-at-top
-  keras = keras_format.is_keras_path(dst)
-  if _FORMAT.value == "keras" and not keras:
-    raise _UsageError(f"--format=keras writes a .keras file: DST must end in "
-                      f".keras, found {dst}")
-  if _FORMAT.value == "savedmodel" and keras:
-    raise _UsageError(f"--format=savedmodel writes a directory: DST may not "
-                      f"end in .keras, found {dst}")
+def _timeout_for(src: str, options: options_lib.ConvertOptions) -> Optional[float]:
+  """--timeout, or the default for a module of this size (None: no limit)."""
+  from migrate import fileutil  # pylint: disable=g-import-not-at-top
+  from migrate import preflight
+  if options.timeout is not None:
+    return options.timeout or None
+  return preflight.default_timeout(
+      sum(f.size for f in fileutil.source_files(src)))
 
 
-def _convert(src: str, dst: str) -> int:
+def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
+  from migrate import keras_format
   from migrate import preflight
   from migrate import staging
-  _check_format(dst)
+  options = _options(args)
+  try:
+    keras_format.check_format(dst, options.output_format)
+  except errors.UsageError as e:
+    raise _UsageError(str(e)) from None
   # What the file system alone shows is wrong is said at once, before a
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
-  preflight.check_destination(src, dst, overwrite=_OVERWRITE.value)
-  _check_reports_outside(src)
+  preflight.check_destination(src, dst, overwrite=options.overwrite)
+  _check_reports_outside(args, src)
   before = staging.path_identity(dst)
   try:
     try:
       result = isolation.run_isolated(
-          "migrate.convert:convert_to_dict", src, dst, what=src,
-          timeout=_timeout_for(src), quiet=not _VERBOSE.value,
-          memory_limit=_memory_limit(2),  # The worker and its reference child.
-          prestart=_reference_prestart(src) if _VERIFY.value else (),
-          signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
-          overwrite=_OVERWRITE.value,
-          keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
-          verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
-          allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value, consumers=_CONSUMERS.value)
+          "migrate.convert:convert_to_dict", src, dst, options, what=src,
+          timeout=_timeout_for(src, options), quiet=not args.verbose,
+          memory_limit=options.memory_limit_bytes(2),  # The worker and its reference child.
+          prestart=_reference_prestart(src) if options.verify else ())
     except errors.ParityError as e:
       if e.table:
         _print_out(e.table)
-      _write_report(e.report_json)
+      _write_report(args, e.report_json)
       raise
     except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
             errors.ResourceLimitError) as e:
       # The worker renames the finished model into place, then sends its
       # summary: dying between the two leaves DST complete.
-      raise staging.settled(e, dst, before, verified=_VERIFY.value) from None
+      raise staging.settled(e, dst, before, verified=options.verify) from None
     if result["parity"]:
       _print_out(result["parity"]["table"])
-      _write_report(result["parity"]["json"])
+      _write_report(args, result["parity"]["json"])
     _print_conversion(result)
   except (KeyboardInterrupt, _Terminated) as e:
     raise staging.settled(_interruption(e, src), dst, before,
-                          verified=_VERIFY.value) from None
+                          verified=options.verify) from None
   return ExitCode.OK
 
 
-def _verify(old: str, new: str) -> int:
+def _verify(args: argparse.Namespace, old: str, new: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
   from migrate import keras_format
   from migrate import preflight
+  options = _options(args)
   preflight.check_source(old)
   if keras_format.is_keras_path(new):
     keras_format.check_converted(new)
   else:
     preflight.check_converted(new)
-  _check_reports_outside(old, new)
+  _check_reports_outside(args, old, new)
   try:
     report = isolation.run_isolated(
-        "migrate.convert:verify_to_dict", old, new, what=old,
-        timeout=_timeout_for(old), quiet=not _VERBOSE.value,
-        memory_limit=_memory_limit(2), prestart=_reference_prestart(old),
-        allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value, consumers=_CONSUMERS.value)
+        "migrate.convert:verify_to_dict", old, new, options, what=old,
+        timeout=_timeout_for(old, options), quiet=not args.verbose,
+        memory_limit=options.memory_limit_bytes(2),
+        prestart=_reference_prestart(old))
   except (KeyboardInterrupt, _Terminated) as e:
     raise _interruption(e, old) from None
   _print_out(report["table"])
-  _write_report(report["json"])
+  _write_report(args, report["json"])
   if not report["passed"]:
     raise errors.ParityError(f"{new}: parity with {old} fails: "
                              f"{report['first_failure']}")
@@ -304,27 +509,23 @@ def _verify(old: str, new: str) -> int:
   return ExitCode.OK
 
 
-def _batch(src_root: str, dst_root: str) -> int:
+def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
   """Converts every module under SRC_ROOT (or in --manifest); 0 or 10."""
   import functools  # pylint: disable=g-import-not-at-top
   import time
   from migrate import batch
   from migrate import errors
-  _check_reports_outside(src_root)
-  if _MANIFEST.value:
-    sources = batch.read_manifest(_MANIFEST.value, src_root, dst_root)
+  options = _options(args)
+  _check_reports_outside(args, src_root)
+  manifest = getattr(args, "manifest", None)
+  if manifest:
+    sources = batch.read_manifest(manifest, src_root, dst_root)
   else:
     sources = batch.discover(src_root, dst_root)
   if not sources:
     raise errors.InputNotFoundError(
         f"{src_root}: expected TF1 Hub modules (directories with "
         f"tfhub_module.pb, or .tar.gz module archives), found none")
-  options = batch.ConvertOptions(
-      signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
-      keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value, verify=_VERIFY.value,
-      keep_failed=_KEEP_FAILED.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value,
-      overwrite=_OVERWRITE.value, output_format=_FORMAT.value or "savedmodel",
-      consumers=_CONSUMERS.value)
 
   # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
   tty = sys.stderr.isatty()
@@ -363,8 +564,9 @@ def _batch(src_root: str, dst_root: str) -> int:
       last_line[0] = time.monotonic()
       say(f"batch: {p.describe()}")
 
-  jobs = _JOBS.value or batch.default_jobs()
-  if _BEAM_ARGS.value is not None:
+  jobs = getattr(args, "jobs", None) or batch.default_jobs()
+  beam_args = getattr(args, "beam_args", None)
+  if beam_args is not None:
     import shlex  # pylint: disable=g-import-not-at-top
     try:
       from migrate import beam_pipeline  # pylint: disable=g-import-not-at-top
@@ -373,13 +575,12 @@ def _batch(src_root: str, dst_root: str) -> int:
                         f"'migrate-hub-module[beam]'") from None
     print(f"batch: {len(sources)} modules, as a Beam pipeline", file=sys.stderr)
     run = functools.partial(beam_pipeline.run_pipeline,
-                            pipeline_args=shlex.split(_BEAM_ARGS.value) or None)
+                            pipeline_args=shlex.split(beam_args) or None)
   else:
     run = functools.partial(batch.run_batch, jobs=jobs, on_progress=on_progress,
-                            quiet=not _VERBOSE.value,
-                            memory_limit=_memory_limit(jobs))
+                            quiet=not args.verbose)
   try:
-    report = run(sources, dst_root, timeout=_TIMEOUT.value, options=options)
+    report = run(sources, dst_root, options)
   except (KeyboardInterrupt, _Terminated) as e:
     if bar is not None:
       bar.close()
@@ -393,9 +594,8 @@ def _batch(src_root: str, dst_root: str) -> int:
     if bar is not None:
       bar.close()
   _print_out(report.format_table())
-  for path in (_REPORT.value or "").split(","):
-    if path.strip():
-      report.write(path.strip())
+  for path in _report_paths(args):
+    report.write(path)
   return report.exit_code
 
 
@@ -405,25 +605,22 @@ class _UsageError(Exception):
 
 def main(argv: Sequence[str]) -> int:
   """Runs one command; returns its exit code (never raises for user errors)."""
-  args = list(argv[1:])
+  args = argparse.Namespace(verbose=False)
   try:
-    if args and args[0] == "verify":
-      if len(args) != 3:
-        raise _UsageError("verify takes OLD NEW")
-      return _verify(args[1], args[2])
-    if args and args[0] == "batch":
-      if len(args) != 3:
-        raise _UsageError("batch takes SRC_ROOT DST_ROOT")
-      return _batch(args[1], args[2])
-    if len(args) != 2:
-      raise _UsageError(f"expected SRC DST, found {len(args)} argument(s)")
-    return _convert(args[0], args[1])
+    command, given = _command(argv[1:])
+    try:
+      args = _parse(command, given)
+    except SystemExit as e:  # --help, --version: printed.
+      return e.code or ExitCode.OK
+    args.verbose = getattr(args, "verbose", False)
+    run = {None: _convert, "verify": _verify, "batch": _batch}[command.name]
+    return run(args, *args.paths)
   except _UsageError as e:
     _print_error(f"{e} (see --help)")
     return ExitCode.USAGE
   except MigrationError as e:
     _print_error(str(e))
-    if _VERBOSE.value and getattr(e, "traceback_text", ""):
+    if args.verbose and getattr(e, "traceback_text", ""):
       print(e.traceback_text, file=sys.stderr)
     return e.exit_code
   except (KeyboardInterrupt, _Terminated) as e:  # Before any work began.
@@ -431,26 +628,17 @@ def main(argv: Sequence[str]) -> int:
     _print_error(f"{error}; nothing was written")
     return error.exit_code
   except Exception as e:  # pylint: disable=broad-except
-    if _VERBOSE.value:
+    if args.verbose:
       raise
     _print_error(f"internal error ({type(e).__name__}: {first_line(e)}); this "
                  f"is a bug in {PROG}: rerun with --verbose and report it")
     return ExitCode.INTERNAL
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _print_error(f"{e} (see --help)")
-    sys.exit(ExitCode.USAGE)
-
-
 def run() -> None:
   """Console-script entry point."""
   _install_signal_handlers()
-  logging.set_verbosity(logging.ERROR)
-  app.run(main, flags_parser=_parse_flags)
+  sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 from migrate import build as build_lib
 from migrate import errors
@@ -25,6 +25,7 @@ from migrate import export
 from migrate import fileutil
 from migrate import keras_format
 from migrate import legacy_format
+from migrate import options as options_lib
 from migrate import plan as plan_lib
 from migrate import preflight
 from migrate import safety
@@ -55,7 +56,6 @@ class ConversionResult:
   output_bytes: int
   seconds: dict[str, float]
   parity: Optional[object] = None  # verify.ParityReport
-  kept_aside: Optional[str] = None
 
   @property
   def verified(self) -> bool:
@@ -77,34 +77,24 @@ class ConversionResult:
     return result
 
 
-def convert(src: str, dst: str, *,
-            signature: Optional[str] = None,
-            output_key: Optional[str] = None,
-            overwrite: bool = False,
-            keep_output_dropout: bool = False,
-            verify: bool = True,
-            keep_failed: bool = False,
-            allow_unsafe_ops: bool = False,
-            parallel_verify: Optional[bool] = None,
-            keras_backends: Optional[Sequence[str]] = None,
-            consumers: str = "default") -> ConversionResult:
+def convert(src: str, dst: str,
+            options: Optional[options_lib.ConvertOptions] = None,
+            **keywords: Any) -> ConversionResult:
   """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`
   (a native Keras 3 model if `dst` ends in `.keras`: `keras_convert`).
 
-  `parallel_verify` runs the TF1 side of verification in a child process
-  during the conversion (None: for modules big enough to gain from it; see
-  `verify.start_reference`). `keras_backends` picks the Keras backends a
-  `.keras` output is verified on (default: every one installed).
-  `consumers` picks the consumer runs of a SavedModel's verification
-  ("default": the cheap ones; "all": TFLite and the Keras fit steps too;
-  see `migrate.consumers.selected`).
+  `options` (a `migrate.options.ConvertOptions`; the defaults if None) says
+  how; `keywords` are its fields, applied over it:
+  `convert(src, dst, signature="image_classification", verify=False)`.
 
   Raises a `migrate.errors.MigrationError` subclass for anything the user can
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
   parity is kept at `dst + ".failed-parity"`) and `src` is unchanged.
   """
   from migrate import consumers as consumers_lib  # pylint: disable=g-import-not-at-top
-  consumers_lib.check_selection(consumers)
+  options = options_lib.build(options, **keywords)
+  keras_format.check_format(dst, options.output_format)
+  consumers_lib.check_selection(options.consumers)
   seconds: dict[str, float] = {}
   clock = time.perf_counter()
 
@@ -115,37 +105,32 @@ def convert(src: str, dst: str, *,
     clock = now
 
   module = legacy_format.read_module(src)
-  preflight.check_destination(src, dst, overwrite=overwrite)
-  plan = plan_lib.make_plan(module, signature=signature, output_key=output_key,
-                            remove_output_dropout=not keep_output_dropout)
-  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
+  preflight.check_destination(src, dst, overwrite=options.overwrite)
+  plan = plan_lib.make_plan(module, signature=options.signature,
+                            output_key=options.output_key,
+                            remove_output_dropout=not options.keep_output_dropout)
+  safety.check_module(module, allow_unsafe_ops=options.allow_unsafe_ops)
   lap("read")
   with staging.Destination(dst, src=src) as destination, _tensorflow_errors(src):
     if keras_format.is_keras_path(dst):  # The native Keras 3 output.
       from migrate import keras_convert  # pylint: disable=g-import-not-at-top
-      return keras_convert.convert_planned(
-          module, plan, src, destination, seconds, lap, overwrite=overwrite,
-          verify=verify, keep_failed=keep_failed,
-          parallel_verify=parallel_verify, backends=keras_backends)
-    return _convert(module, plan, src, destination, seconds, lap,
-                    overwrite=overwrite, verify=verify, keep_failed=keep_failed,
-                    allow_unsafe_ops=allow_unsafe_ops,
-                    parallel_verify=parallel_verify, consumers=consumers)
+      return keras_convert.convert_planned(module, plan, src, destination,
+                                           seconds, lap, options)
+    return _convert(module, plan, src, destination, seconds, lap, options)
 
 
 def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
              src: str, destination: staging.Destination,
-             seconds: dict[str, float], lap, *, overwrite: bool, verify: bool,
-             keep_failed: bool, allow_unsafe_ops: bool,
-             parallel_verify: Optional[bool], consumers: str) -> ConversionResult:
+             seconds: dict[str, float], lap,
+             options: options_lib.ConvertOptions) -> ConversionResult:
   dst = destination.dst
   reference = None
-  if verify:
+  if options.verify:
     # The TF1 side of the parity checks needs only the module: it runs in a
     # child process (for big modules) while this one builds and exports.
     from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
     reference = verify_lib.start_reference(
-        src, verify_lib.spec_for_plan(module, plan), parallel=parallel_verify,
+        src, verify_lib.spec_for_plan(module, plan), parallel=options.parallel_verify,
         module=module)
   try:
     built = build_lib.build(module, plan)
@@ -158,33 +143,24 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
     raise
   try:
     report = None
-    kept = None
     # What was written is scanned as any model is before it is loaded
     # (verification loads it): an unsafe op must not slip through BUILD.
-    safety.check_saved_model(staged.path, allow_unsafe_ops=allow_unsafe_ops,
+    safety.check_saved_model(staged.path, allow_unsafe_ops=options.allow_unsafe_ops,
                              shown=f"{dst} (as written)")
-    if verify:
+    if options.verify:
       with _verification_errors(f"{src}: expected a module whose graphs run "
                                 f"on the inputs its signatures declare"):
         report = verify_lib.verify(src, staged.path, reference=reference,
-                                   module=module, consumers=consumers)
+                                   module=module, consumers=options.consumers)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
-        if keep_failed:
-          kept = staged.keep_aside(FAILED_SUFFIX)
-        else:
-          staged.discard()
-        where = f"; the failing model was kept at {kept}" if kept else ""
-        raise errors.ParityError(
-            f"{src}: the converted model does not compute what the TF1 module "
-            f"did: {report.first_failure}{where}",
-            table=report.format_table(), report_json=report.to_json())
+        raise_parity_failure(report, staged, options, f"{src}: the converted model")
     staged.write_model_card(export.model_card(
         built, src, module.saved_model_sha256,
         report.summary() if report is not None else None))
     output_bytes = fileutil.directory_size(staged.path)
-    staged.commit(overwrite=overwrite)
+    staged.commit(overwrite=options.overwrite)
     lap("commit")
   except BaseException:
     staged.discard()
@@ -201,34 +177,51 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
       num_regularization_losses=len(root.regularization_losses),
       has_train_graph=plan.has_train_graph, notes=list(built.notes),
       input_bytes=module.source_bytes, output_bytes=output_bytes,
-      seconds=seconds, parity=report, kept_aside=kept)
+      seconds=seconds, parity=report)
 
 
-def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False,
-                    consumers: str = "default"):
+def raise_parity_failure(report, staged: staging.StagedOutput,
+                         options: options_lib.ConvertOptions, what: str) -> NoReturn:
+  """A staged model (`what`) failed parity: kept at DST.failed-parity
+  (`keep_failed`) or discarded, and a `ParityError` carrying the report."""
+  kept = staged.keep_aside(FAILED_SUFFIX) if options.keep_failed else None
+  if kept is None:
+    staged.discard()
+  where = f"; the failing model was kept at {kept}" if kept else ""
+  raise errors.ParityError(
+      f"{what} does not compute what the TF1 module did: "
+      f"{report.first_failure}{where}",
+      table=report.format_table(), report_json=report.to_json())
+
+
+def verify_existing(old: str, new: str,
+                    options: Optional[options_lib.ConvertOptions] = None,
+                    **keywords: Any):
   """Verifies an existing pair (made earlier or by other means) -> ParityReport.
 
   Both are scanned before anything loads them: OLD as a module, NEW (which
-  may come from anywhere) as a SavedModel. `consumers` as in `convert` (a
-  SavedModel NEW only).
+  may come from anywhere) as a SavedModel. Of the options (as for `convert`)
+  those of what is proven apply: `allow_unsafe_ops`, `keras_backends`,
+  `consumers` (a SavedModel NEW).
   """
   from migrate import consumers as consumers_lib  # pylint: disable=g-import-not-at-top
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
-  consumers_lib.check_selection(consumers)
+  options = options_lib.build(options, **keywords)
+  consumers_lib.check_selection(options.consumers)
   module = legacy_format.read_module(old)
-  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
+  safety.check_module(module, allow_unsafe_ops=options.allow_unsafe_ops)
   if keras_format.is_keras_path(new):  # A native Keras 3 model.
     from migrate import keras_verify  # pylint: disable=g-import-not-at-top
     with _tensorflow_errors(old):
-      return keras_verify.verify_existing(old, new)
+      return keras_verify.verify_existing(old, new, backends=options.keras_backends)
   preflight.check_converted(new)
-  safety.check_saved_model(new, allow_unsafe_ops=allow_unsafe_ops)
+  safety.check_saved_model(new, allow_unsafe_ops=options.allow_unsafe_ops)
   _check_made_by_this_tool(new)
   with _tensorflow_errors(old), _verification_errors(
       f"{new}: expected a converted SavedModel (a Reusable SavedModel with "
       f"__call__, variables and the serving signatures of {old})",
       errors.NotAHubModuleError):
-    return verify_lib.verify(old, new, module=module, consumers=consumers)
+    return verify_lib.verify(old, new, module=module, consumers=options.consumers)
 
 
 # What the root object of every model this tool writes holds (build.py).
@@ -296,14 +289,18 @@ def _tensorflow_errors(src: str) -> Iterator[None]:
         f"{type(e).__name__}: {errors.first_line(e)}; nothing was written") from None
 
 
-def convert_to_dict(src: str, dst: str, **options) -> dict:
+def convert_to_dict(src: str, dst: str,
+                    options: Optional[options_lib.ConvertOptions] = None,
+                    **keywords: Any) -> dict:
   """`convert(...).to_dict()`: for callers in another process (the CLI)."""
-  return convert(src, dst, **options).to_dict()
+  return convert(src, dst, options, **keywords).to_dict()
 
 
-def verify_to_dict(old: str, new: str, **options) -> dict:
+def verify_to_dict(old: str, new: str,
+                   options: Optional[options_lib.ConvertOptions] = None,
+                   **keywords: Any) -> dict:
   """`verify_existing` as plain data: passed, summary, table, json."""
-  report = verify_existing(old, new, **options)
+  report = verify_existing(old, new, options, **keywords)
   return {"passed": report.passed, "summary": report.summary(),
           "table": report.format_table(), "json": report.to_json(),
           "first_failure": str(report.first_failure)}

@@ -28,7 +28,7 @@ class ExitCode(enum.IntEnum):
 
   OK = 0
   INTERNAL = 1  # A bug in this tool; the line says where to report it.
-  USAGE = 2  # Wrong command line (absl's usage errors).
+  USAGE = 2  # Wrong command line, or options that contradict each other.
   NOT_FOUND = 3  # SRC does not exist or is not a directory/archive.
   NOT_A_HUB_MODULE = 4  # SRC is a TF2 SavedModel or a plain TF1 SavedModel.
   UNSUPPORTED = 5  # A TF1 Hub module we cannot convert (text module, ...).
@@ -82,6 +82,12 @@ class MigrationError(Exception):
 
   def __str__(self) -> str:
     return printable(super().__str__())
+
+
+class UsageError(MigrationError):
+  """Arguments or options that contradict each other (a usage error)."""
+
+  exit_code = ExitCode.USAGE
 
 
 class InputNotFoundError(MigrationError):

@@ -20,13 +20,12 @@ from migrate import errors
 from migrate import fileutil
 from migrate import staging
 
-MODEL_CARD_FILENAME = staging.MODEL_CARD_FILENAME
 # With the saver (the MetaGraph's `saver_def` and its save/restore
 # functions), every loader restores the variables: the TF2 object-graph
 # loaders, the TF1 loader in a Session (`saved_model_cli run`), the C++
 # `LoadSavedModel` (TensorFlow Serving) and the TFLite converter. Without it
 # (`experimental_skip_saver=True`) the last three run with uninitialized
-# variables. It costs about 1.7 KB per variable (README, Performance).
+# variables. What it costs in size and time: docs/PERFORMANCE.md.
 _SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
 StagedOutput = staging.StagedOutput
 

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 import stat
+import tempfile
 from typing import Iterator, Optional
 
 from migrate import errors
@@ -230,6 +231,26 @@ def directory_size(path: str) -> int:
       if stat.S_ISREG(st.st_mode):
         total += st.st_size
   return total
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file beside it (fsync,
+  rename): a reader sees the old file or the new one, never a part."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-",
+                             dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
 
 
 def current_umask() -> int:

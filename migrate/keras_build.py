@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from migrate import build as build_lib
 from migrate import errors
 from migrate import keras_side
 from migrate import keras_translate
@@ -54,21 +54,8 @@ def make_layer(spec: LayerSpec, regularizers: Mapping[str, Any]) -> keras.layers
 def read_weights(module: legacy_format.LegacyModule,
                  names: Sequence[str]) -> dict[str, np.ndarray]:
   """The checkpoint values of `names`; `CorruptModuleError` if unreadable."""
-  try:
-    reader = tf.train.load_checkpoint(module.checkpoint_prefix)
-    shapes = reader.get_variable_to_shape_map()
-    missing = [n for n in names if n not in shapes]
-    if missing:
-      raise errors.CorruptModuleError(
-          f"{module.checkpoint_prefix}: the variables index does not match the "
-          f"graph: expected {len(names)} variables, missing {len(missing)} "
-          f"(e.g. '{missing[0]}')")
-    return {n: reader.get_tensor(n) for n in names}
-  except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
-    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    raise errors.CorruptModuleError(
-        f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
-        f"{type(e).__name__}: {text}") from None
+  checkpoint = build_lib.Checkpoint(module, names)
+  return {n: checkpoint.value(n) for n in names}
 
 
 def _check_flatten(model: keras.Model, plan: KerasPlan) -> None:

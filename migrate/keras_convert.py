@@ -13,7 +13,6 @@ commit (rename into place). `convert.convert` comes here for a DST ending in
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, Optional, Sequence
 
 from migrate import build as build_lib
@@ -23,6 +22,7 @@ from migrate import isolation
 from migrate import keras_format
 from migrate import keras_translate
 from migrate import legacy_format
+from migrate import options as options_lib
 from migrate import plan as plan_lib
 from migrate import preflight
 from migrate import staging
@@ -51,26 +51,24 @@ def _metadata(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
 
 def convert_keras(src: str, dst: str, *,
                   backends: Optional[Sequence[str]] = None,
-                  **options: Any) -> convert_lib.ConversionResult:
+                  **keywords: Any) -> convert_lib.ConversionResult:
   """Converts the TF1 Hub module at `src` into the `.keras` file `dst`: the
-  same as `convert.convert(src, dst, keras_backends=backends, **options)`."""
+  same as `convert.convert(src, dst, keras_backends=backends, **keywords)`."""
   if not keras_format.is_keras_path(dst):
     raise errors.OutputError(f"{dst}: expected a path ending in "
                              f"{keras_format.SUFFIX}, found another")
-  return convert_lib.convert(src, dst, keras_backends=backends, **options)
+  return convert_lib.convert(src, dst, keras_backends=backends, **keywords)
 
 
 def convert_planned(module: legacy_format.LegacyModule,
                     plan: plan_lib.MigrationPlan, src: str,
                     destination: staging.Destination,
-                    seconds: dict[str, float], lap: Callable[[str], None], *,
-                    overwrite: bool, verify: bool, keep_failed: bool,
-                    parallel_verify: Optional[bool],
-                    backends: Optional[Sequence[str]] = None
+                    seconds: dict[str, float], lap: Callable[[str], None],
+                    options: options_lib.ConvertOptions
                     ) -> convert_lib.ConversionResult:
-  """The `.keras` half of `convert.convert`, after READ, SCAN and PLAN: the
-  options are its own; `backends` picks the Keras backends verification runs
-  on (default: every installed one). Raises a `MigrationError` for anything
+  """The `.keras` half of `convert.convert`, after READ, SCAN and PLAN
+  (`options.keras_backends` picks the Keras backends verification runs on;
+  default: every installed one). Raises a `MigrationError` for anything
   the user can fix (a module with an op that no built-in Keras layer
   computes: `UnsupportedModuleError`, exit code 5); then nothing is left at
   DST and `src` is unchanged.
@@ -84,8 +82,9 @@ def convert_planned(module: legacy_format.LegacyModule,
   from migrate import keras_verify
   pending = None
   spec = keras_verify.spec_for_keras(module, plan)
-  if verify and (parallel_verify if parallel_verify is not None else
-                 preflight.reference_child_pays(module.checkpoint_prefix)):
+  parallel = options.parallel_verify
+  if options.verify and (parallel if parallel is not None else
+                         preflight.reference_child_pays(module.checkpoint_prefix)):
     # The TF1 side needs only the module: it runs while the model is built.
     pending = isolation.start_isolated(
         "migrate.verify:reference_side", src, spec,
@@ -100,29 +99,22 @@ def convert_planned(module: legacy_format.LegacyModule,
     if pending is not None:
       pending.cancel()
     raise
-  report = kept = None
+  report = None
   try:
-    if verify:
+    if options.verify:
       expected = pending.result() if pending is not None else None
       report = keras_verify.verify_keras(src, staged.path, kplan, spec,
                                          module=module, expected=expected,
-                                         backends=backends)
+                                         backends=options.keras_backends)
       if pending is not None:
         report.processes["module (TF1 Session)"] = "child process"
       report.new_path = dst
       lap("verify")
       if not report.passed:
-        if keep_failed:
-          kept = staged.keep_aside(convert_lib.FAILED_SUFFIX)
-        else:
-          staged.discard()
-        where = f"; the failing model was kept at {kept}" if kept else ""
-        raise errors.ParityError(
-            f"{src}: the Keras model does not compute what the TF1 module "
-            f"did: {report.first_failure}{where}",
-            table=report.format_table(), report_json=report.to_json())
+        convert_lib.raise_parity_failure(report, staged, options,
+                                         f"{src}: the Keras model")
     output_bytes = os.path.getsize(staged.path)
-    staged.commit(overwrite=overwrite)
+    staged.commit(overwrite=options.overwrite)
     lap("commit")
   except BaseException:
     if pending is not None:
@@ -141,4 +133,4 @@ def convert_planned(module: legacy_format.LegacyModule,
       num_regularization_losses=len(model.losses),
       has_train_graph=plan.has_train_graph, notes=notes,
       input_bytes=module.source_bytes, output_bytes=output_bytes,
-      seconds=seconds, parity=report, kept_aside=kept)
+      seconds=seconds, parity=report)

@@ -16,17 +16,30 @@ import zipfile
 from typing import Any, Optional
 
 from migrate import errors
+from migrate.options import FORMAT_KERAS, FORMAT_SAVEDMODEL, FORMATS  # pylint: disable=unused-import
 
 SUFFIX = ".keras"
 METADATA_MEMBER = "migrate_hub_module.json"
-FORMAT_SAVEDMODEL = "savedmodel"
-FORMAT_KERAS = "keras"
-FORMATS = (FORMAT_SAVEDMODEL, FORMAT_KERAS)
 
 
 def is_keras_path(path: str) -> bool:
   """Whether `path` names a `.keras` file (the native Keras output)."""
   return os.fspath(path).endswith(SUFFIX)
+
+
+def check_format(dst: str, output_format: Optional[str]) -> None:
+  """An `output_format` (None: any) must agree with DST's name: a `.keras`
+  file, or a SavedModel directory; `UsageError` otherwise."""
+  keras = is_keras_path(dst)
+  if output_format == FORMAT_KERAS and not keras:
+    raise errors.UsageError(f"--format=keras writes a .keras file: DST must "
+                            f"end in .keras, found {dst}")
+  if output_format == FORMAT_SAVEDMODEL and keras:
+    raise errors.UsageError(f"--format=savedmodel writes a directory: DST may "
+                            f"not end in .keras, found {dst}")
+  if output_format not in (None, *FORMATS):
+    raise errors.UsageError(f"expected an output format in {', '.join(FORMATS)}, "
+                            f"found {output_format!r}")
 
 
 def read_metadata(path: str) -> Optional[dict[str, Any]]:

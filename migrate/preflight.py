@@ -26,10 +26,10 @@ CHECKPOINT_PREFIX = os.path.join("variables", "variables")
 PARALLEL_MIN_BYTES = 4 * 2**20
 PARALLEL_MIN_CPUS = 2
 # The default time limit per module (CLI and batch; --timeout overrides it):
-# 10 minutes, plus 6 s per MiB of module. Generous: a full-size ResNet-v2-50
-# (100 MiB) converts and verifies in about 14 s on 2 cores, so its limit of
-# 20 minutes is 80 times that; yet a module that hangs (a graph that loops
-# forever) ends with exit code 12 instead of holding a batch slot for good.
+# 10 minutes, plus 6 s per MiB of module. Generous: dozens of times what the
+# full-size modules take (docs/PERFORMANCE.md); yet a module that hangs (a
+# graph that loops forever) ends with exit code 12 instead of holding a batch
+# slot for good.
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_TIMEOUT_SECONDS_PER_MIB = 6.0
 

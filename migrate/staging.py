@@ -329,6 +329,17 @@ class Destination:
     self.close()
 
 
+def has_model_card(dst: str) -> bool:
+  """Whether the directory `dst` holds a model card this tool wrote (a model
+  it made, which a batch may replace)."""
+  try:
+    card = fileutil.read_regular_file(os.path.join(dst, MODEL_CARD_FILENAME),
+                                      max_bytes=1 << 20)
+  except (OSError, errors.MigrationError):
+    return False
+  return card.split(b"\n", 1)[0].strip() == MODEL_CARD_TITLE.encode()
+
+
 def clean_stale(dst: str, *, pid: Optional[int] = None) -> list[str]:
   """`Destination.clean_stale` for a DST path (nothing if its parent is gone)."""
   try:

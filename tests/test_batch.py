@@ -25,7 +25,10 @@ import time
 import pytest
 
 from migrate import batch
+from migrate import batch_sources
+from migrate import batch_state
 from migrate import errors
+from tests import proctree
 from tests.conftest import REPO, convertible_fixture_names, module_path
 
 SMALL = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
@@ -169,7 +172,7 @@ def _file(name: str, data: bytes = b"x"):
 
 def test_archive_extraction_is_safe(tmp_path):
   good = _make_archive("refvars_bn", str(tmp_path / "good.tar.gz"))
-  module = batch.extract_archive(good, str(tmp_path / "x1"))
+  module = batch_sources.extract_archive(good, str(tmp_path / "x1"))
   assert sorted(os.listdir(module)) == sorted(os.listdir(module_path("refvars_bn")))
   link = tarfile.TarInfo("tfhub_module.pb")
   link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -182,12 +185,12 @@ def test_archive_extraction_is_safe(tmp_path):
   for name, (members, words) in cases.items():
     archive = _tar_with(str(tmp_path / f"{name}.tar.gz"), members)
     with pytest.raises(errors.CorruptModuleError, match=words):
-      batch.extract_archive(archive, str(tmp_path / f"out_{name}"), max_bytes=1000)
+      batch_sources.extract_archive(archive, str(tmp_path / f"out_{name}"), max_bytes=1000)
     assert not os.path.exists(tmp_path / "evil")
   garbage = tmp_path / "garbage.tar.gz"
   garbage.write_bytes(b"\x1f\x8b not really gzip")
   with pytest.raises(errors.CorruptModuleError, match="gzipped tar archive"):
-    batch.extract_archive(str(garbage), str(tmp_path / "out_garbage"))
+    batch_sources.extract_archive(str(garbage), str(tmp_path / "out_garbage"))
 
 
 # -- real batches ----------------------------------------------------------------
@@ -259,25 +262,6 @@ def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path
       "corpus/text_module"]["finished_at"]
 
 
-def _children(pid: int) -> set[int]:
-  found = set()
-  for task in os.listdir(f"/proc/{pid}/task"):
-    try:
-      with open(f"/proc/{pid}/task/{task}/children", encoding="utf-8") as f:
-        found.update(int(c) for c in f.read().split())
-    except OSError:
-      pass
-  return found
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-      return f.read().split(")")[-1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path):
   src, dst = tmp_path / "src", tmp_path / "dst"
   for name in SMALL:
@@ -295,15 +279,15 @@ def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path
     # preferably while one is staging its output beside its DST.
     recorded_at = None
     while time.monotonic() < deadline and proc.poll() is None:
-      workers |= _children(proc.pid)
-      if state.exists() and _children(proc.pid):
+      workers |= set(proctree.children(proc.pid))
+      if state.exists() and proctree.children(proc.pid):
         recorded_at = recorded_at or time.monotonic()
         staging = [p for p in _leftovers(str(dst)) if ".migrate-tmp-" in p]
         if staging or time.monotonic() - recorded_at > 5:
           break
       time.sleep(0.05)
     assert proc.poll() is None, "the batch finished before it could be killed"
-    workers |= _children(proc.pid)
+    workers |= set(proctree.children(proc.pid))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
   finally:
@@ -311,9 +295,9 @@ def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path
       proc.kill()
   assert workers, "the batch ran its modules in worker processes"
   deadline = time.monotonic() + 30
-  while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+  while any(proctree.alive(w) for w in workers) and time.monotonic() < deadline:
     time.sleep(0.2)
-  assert not any(_alive(w) for w in workers), "workers die with the batch"
+  assert not any(proctree.alive(w) for w in workers), "workers die with the batch"
   recorded = _state(str(dst))
   assert 1 <= len(recorded) < 4
   present = [p for p in (dst / n for n in SMALL + ("archives/refvars",)) if p.exists()]
@@ -348,7 +332,7 @@ def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
   workers: set[int] = set()
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and proc.poll() is None:
-    workers |= _children(proc.pid)
+    workers |= set(proctree.children(proc.pid))
     if any(".migrate-tmp-" in p for p in _leftovers(str(dst))):
       break
     time.sleep(0.02)
@@ -360,9 +344,9 @@ def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
   assert "terminated (SIGTERM)" in last and "rerun to complete" in last, err
   assert "Traceback" not in err
   deadline = time.monotonic() + 30
-  while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+  while any(proctree.alive(w) for w in workers) and time.monotonic() < deadline:
     time.sleep(0.2)
-  assert not any(_alive(w) for w in workers), "workers die with the batch"
+  assert not any(proctree.alive(w) for w in workers), "workers die with the batch"
   assert _leftovers(str(dst)) == []
 
 
@@ -532,7 +516,7 @@ def test_changed_source_is_reconverted_in_place(tmp_path):
 def test_a_second_batch_on_the_same_dst_is_refused(tmp_path):
   dst = tmp_path / "dst"
   os.makedirs(dst)
-  lock = batch.RunLock(str(dst))
+  lock = batch_state.RunLock(str(dst))
   try:
     with pytest.raises(errors.OutputError, match="found one running"):
       batch.run_batch([], str(dst))

@@ -18,49 +18,17 @@ import time
 import pytest
 
 from tests import bad_inputs as bi
+from tests import proctree
 
 FIXTURE = "inference_only_asset"  # 64 KB, the smallest image module.
 SEED = 6
 TRIALS = 12
 
 
-def _children(pid: int) -> list[int]:
-  try:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-      return [int(p) for p in f.read().split()]
-  except OSError:
-    return []
-
-
-def _descendants(pid: int) -> list[int]:
-  result, todo = [], [pid]
-  while todo:
-    for child in _children(todo.pop()):
-      result.append(child)
-      todo.append(child)
-  return result
-
-
-def _cmdline(pid: int) -> str:
-  try:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-      return f.read().replace(b"\0", b" ").decode(errors="replace")
-  except OSError:
-    return ""
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().split(")")[-1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 def _worker(pid: int):
   """The spawned conversion worker of CLI process `pid` (not the resource tracker)."""
-  for child in _children(pid):
-    line = _cmdline(child)
+  for child in proctree.children(pid):
+    line = proctree.cmdline(child)
     if "spawn_main" in line and "resource_tracker" not in line:
       return child
   return None
@@ -103,7 +71,7 @@ def test_sigkill_at_random_moments_leaves_dst_absent_or_complete(tmp_path):
       worker = _worker(proc.pid) or worker
       time.sleep(0.05)
     killed = "nothing (finished first)"
-    family = _descendants(proc.pid)
+    family = proctree.descendants(proc.pid)
     if proc.poll() is None:
       if target == "worker" and _worker(proc.pid):
         os.kill(_worker(proc.pid), signal.SIGKILL)
@@ -114,10 +82,10 @@ def test_sigkill_at_random_moments_leaves_dst_absent_or_complete(tmp_path):
     out, err = proc.communicate(timeout=120)
     # No process of the run survives it (the worker dies with the CLI).
     end = time.monotonic() + 10
-    while any(_alive(p) for p in family) and time.monotonic() < end:
+    while any(proctree.alive(p) for p in family) and time.monotonic() < end:
       time.sleep(0.1)
-    survivors = [p for p in family if _alive(p)]
-    assert not survivors, [(p, _cmdline(p)) for p in survivors]
+    survivors = [p for p in family if proctree.alive(p)]
+    assert not survivors, [(p, proctree.cmdline(p)) for p in survivors]
     state = _check_dst(dst)
     if killed == "worker" and proc.returncode == 0:
       killed = "worker (after it had sent its result)"
@@ -174,9 +142,9 @@ def test_killed_during_worker_start_leaves_no_orphan(tmp_path):
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   end = time.monotonic() + 30
-  while _alive(worker) and time.monotonic() < end:
+  while proctree.alive(worker) and time.monotonic() < end:
     time.sleep(0.1)
-  assert not _alive(worker), "the worker outlived the killed CLI"
+  assert not proctree.alive(worker), "the worker outlived the killed CLI"
   time.sleep(1)
   assert not os.path.lexists(dst)
 
@@ -195,7 +163,7 @@ def _run_until(args, parent: str, trigger: str, signum: int, to_group: bool):
     if trigger == "dst" and os.path.exists(dst):
       break
     time.sleep(0.01)
-  family = set(_descendants(proc.pid))
+  family = set(proctree.descendants(proc.pid))
   if proc.poll() is None:
     if to_group:  # Ctrl-C on a terminal reaches the whole process group.
       os.killpg(proc.pid, signum)
@@ -203,9 +171,9 @@ def _run_until(args, parent: str, trigger: str, signum: int, to_group: bool):
       os.kill(proc.pid, signum)
   _, err = proc.communicate(timeout=300)
   family_gone = time.monotonic() + 10
-  while time.monotonic() < family_gone and any(_alive(p) for p in family):
+  while time.monotonic() < family_gone and any(proctree.alive(p) for p in family):
     time.sleep(0.1)
-  assert not [p for p in family if _alive(p)], "a process outlived the CLI"
+  assert not [p for p in family if proctree.alive(p)], "a process outlived the CLI"
   return proc.returncode, err
 
 

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from migrate import batch
+from migrate import batch_sources
 from migrate import errors
 from migrate import fileutil
 from migrate import preflight
@@ -97,11 +97,11 @@ def test_symlinks_inside_the_module_are_followed_and_hashed(tmp_path):
   os.symlink("weights", os.path.join(src, "variables"))
   listed = [f.relpath for f in fileutil.source_files(src)]
   assert "variables/variables.index" in listed and "weights/variables.index" in listed
-  before = batch.source_sha256(src, batch.KIND_DIRECTORY)
+  before = batch_sources.source_sha256(src, batch_sources.KIND_DIRECTORY)
   data = os.path.join(src, "weights", "variables.data-00000-of-00001")
   with open(data, "r+b") as f:
     f.write(b"\x00")
-  assert batch.source_sha256(src, batch.KIND_DIRECTORY) != before
+  assert batch_sources.source_sha256(src, batch_sources.KIND_DIRECTORY) != before
 
 
 def test_the_walk_is_bounded(tmp_path):
@@ -114,7 +114,7 @@ def test_the_walk_is_bounded(tmp_path):
   with open(sparse, "wb") as f:
     f.truncate(fileutil.MAX_SOURCE_BYTES + 1)  # A terabyte-style sparse file.
   with pytest.raises(errors.CorruptModuleError, match="bytes"):
-    batch.source_sha256(src, batch.KIND_DIRECTORY)
+    batch_sources.source_sha256(src, batch_sources.KIND_DIRECTORY)
 
 
 def test_non_utf8_paths_are_refused_with_their_bytes_escaped(tmp_path):
@@ -181,4 +181,3 @@ def test_a_cut_short_overwrite_is_put_back(tmp_path):
   assert len(removed) == 2
   assert (dst / "old_model").read_text() == "previous"
   assert [n for n in os.listdir(tmp_path) if ".migrate-" in n] == []
-  assert batch.MODEL_CARD_FILENAME == staging.MODEL_CARD_FILENAME

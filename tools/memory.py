@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from tests import proctree  # Run from the repository: PYTHONPATH=.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = os.path.join(REPO, "legacy_fixtures", "full")
 DEFAULT_MODULES = ("mobilenet_v2_100", "mobilenet_v1_100", "efficientnet_b0",
@@ -90,14 +92,6 @@ def _status_kb(pid: int) -> dict[str, int]:
   return result
 
 
-def _cmdline(pid: int) -> str:
-  try:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-      return f.read().replace(b"\0", b" ").decode(errors="replace")
-  except OSError:
-    return ""
-
-
 def measure(argv: list[str], interval: float) -> dict:
   """Runs `argv`; peak summed RSS of its process tree and each process's VmHWM."""
   env = dict(os.environ)
@@ -112,7 +106,7 @@ def measure(argv: list[str], interval: float) -> dict:
       status = _status_kb(pid)
       total += status.get("VmRSS", 0)
       if "VmHWM" in status:
-        cmdline = _cmdline(pid)
+        cmdline = proctree.cmdline(pid)
         # multiprocessing's resource tracker is not one of the tool's processes.
         role = ("tracker" if "resource_tracker" in cmdline
                 else ROLES[min(depth, len(ROLES) - 1)])
