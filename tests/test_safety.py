@@ -34,6 +34,10 @@ from tests import bad_inputs as bi
 SMALL = "classifier_probabilities"  # Resource variables, train graph.
 REFVARS = "refvars_bn"  # Reference variables (VariableV2, Assign).
 REVIEWED = os.path.join(os.path.dirname(__file__), "reviewed_ops.txt")
+# Registered only after the first TFLite conversion in the process (by the
+# converter's library), so present or not depending on the tests run before.
+LAZILY_REGISTERED = {"TFLite_Detection_PostProcess", "UnidirectionalSequenceLstm",
+                     "UnidirectionalSequenceRnn"}
 
 
 def _registered_ops() -> list[str]:
@@ -64,7 +68,7 @@ def test_every_registered_op_is_classified():
   # The lists name real ops: a typo or a removed op shows here.
   assert not sorted(set(safety.ALLOWED_OPS) - set(registered))
   assert not sorted(set(safety.CHECKPOINT_OPS) - set(registered))
-  assert not sorted(reviewed - set(registered))
+  assert not sorted(reviewed - set(registered) - LAZILY_REGISTERED)
   assert not sorted(reviewed & {op for op, v in verdicts.items() if v != "unknown"})
   # What reaches outside is never on the allowlist.
   for op in ("ReadFile", "WriteFile", "PyFunc", "EagerPyFunc", "PrintV2",
