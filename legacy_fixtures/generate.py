@@ -89,6 +89,14 @@ class Case:
     expect_refusal: Optional[str] = None
     asset_files: Dict[str, str] = dataclasses.field(default_factory=dict)
     is_text: bool = False
+    # The same network with the forward computation in place of a custom gradient hub.Module
+    # cannot run (build(case, is_training)): grad_norm/ is then the analytic gradient from it.
+    analytic_grad_build: Optional[Callable] = None
+    # Also record grad_norm_infer/: gradients in the set() graph, free of random ops.
+    infer_grads: bool = False
+    # Export in a fresh process: op attributes that embed a process counter (the
+    # `_gradient_op_type` "CustomGradient-<uid>" of tf.custom_gradient) stay reproducible.
+    export_in_subprocess: bool = False
 
     @property
     def has_train(self):
@@ -130,6 +138,19 @@ def _standard_signatures(images, features, logits, extra_features=None):
     hub.add_signature("image_classification", {"images": images}, {"default": logits})
 
 
+def _momentum_input():
+    """The `batch_norm_momentum` input of the *_with_bn_hparams signatures (the BN decay)."""
+    return tf1.placeholder_with_default(
+        tf.constant(BN_MOMENTUM_DEFAULT, tf.float32), [], name="batch_norm_momentum")
+
+
+def _hparams_signatures(images, momentum, features, logits):
+    hub.add_signature("image_feature_vector_with_bn_hparams",
+                      {"images": images, "batch_norm_momentum": momentum}, {"default": features})
+    hub.add_signature("image_classification_with_bn_hparams",
+                      {"images": images, "batch_norm_momentum": momentum}, {"default": logits})
+
+
 # ---- 1. resnet_v2_tiny -----------------------------------------------------------------------
 def build_resnet_v2_tiny(case, is_training, full=False):
     images = _image_placeholder(case)
@@ -164,15 +185,11 @@ def build_resnet_v2_tiny(case, is_training, full=False):
 # ---- 2. mobilenet_v1_bn_hparams --------------------------------------------------------------
 def build_mobilenet_v1_bn_hparams(case, is_training):
     images = _image_placeholder(case)
-    momentum = tf1.placeholder_with_default(
-        tf.constant(BN_MOMENTUM_DEFAULT, tf.float32), [], name="batch_norm_momentum")
+    momentum = _momentum_input()
     logits, features, _ = fixture_nets.mobilenet_v1(
         images, num_classes=10, is_training=is_training, batch_norm_decay=momentum)
     _standard_signatures(images, features, logits)
-    hub.add_signature("image_feature_vector_with_bn_hparams",
-                      {"images": images, "batch_norm_momentum": momentum}, {"default": features})
-    hub.add_signature("image_classification_with_bn_hparams",
-                      {"images": images, "batch_norm_momentum": momentum}, {"default": logits})
+    _hparams_signatures(images, momentum, features, logits)
     _attach_size(case)
 
 
@@ -281,6 +298,36 @@ def build_text_module(case, is_training):
     hub.add_signature("default", {"default": sentences}, {"default": out})
 
 
+# ---- 10. nasnet_cell_droppath ----------------------------------------------------------------
+def build_nasnet_cell_droppath(case, is_training):
+    images = _image_placeholder(case)
+    with fixture_nets.nasnet_arg_scope(is_training, weight_decay=4e-5, batch_norm_decay=0.9997):
+        # CIFAR stem, then a reduction cell and a normal cell (slim's layout for num_cells=1,
+        # num_reduction_layers=1); drop path at NASNet-A Large's 0.7.
+        logits, features = fixture_nets.nasnet_a(
+            images, 10, is_training, num_cells=1, num_conv_filters=8, num_reduction_layers=1,
+            drop_path_keep_prob=0.7, dense_dropout_keep_prob=0.5, stem="cifar")
+    _standard_signatures(images, tf.identity(features, "feature_vector"), logits)
+    _attach_size(case)
+
+
+# ---- 11./12. efficientnet_defun_swish, efficientnet_tf2_swish --------------------------------
+# (kernel, repeats, stride, expand, in, out, se): a strided block without expansion (as
+# EfficientNet's first), then an expanding residual one with drop connect: survival 0.6
+# (B0's last block has 0.8), so that the train batch of 4 really loses an example.
+EFFICIENTNET_TINY_BLOCKS = [(3, 1, 2, 1, 8, 16, 0.25), (5, 1, 1, 6, 16, 16, 0.25)]
+
+
+def build_efficientnet_tiny(case, is_training, swish):
+    images = _image_placeholder(case)
+    logits, features = fixture_nets.efficientnet(
+        images, 10, is_training, blocks=EFFICIENTNET_TINY_BLOCKS, stem_filters=8,
+        head_filters=32, dropout_rate=0.2, survival_prob=0.2, swish=swish,
+        scope="efficientnet-tiny")
+    _standard_signatures(images, tf.identity(features, "feature_vector"), logits)
+    _attach_size(case)
+
+
 def _case_list():
     C = Case
     return [
@@ -343,32 +390,97 @@ def _case_list():
           is_text=True,
           expect_refusal="not an image module: signature 'default' takes a tf.string input "
                          "'default' of shape [None], not float32 images"),
+        C("nasnet_cell_droppath",
+          "NASNet-A cells (a reduction and a normal cell; separable convs, relu, batch norm, "
+          "concatenation, factorized reduction) on a CIFAR-style stem, fixed 32x32, weight decay; "
+          "the train graph applies drop path (keep 0.7 scaled by cell depth) after every cell "
+          "operation and dropout before the logits, all from UNSEEDED RandomUniform ops.",
+          "unseeded_drop_path",
+          build_nasnet_cell_droppath, image_size=(32, 32), infer_grads=True),
+        C("efficientnet_defun_swish",
+          "EfficientNet MBConv blocks (1x1 expand, depthwise, squeeze-excite, 1x1 project, "
+          "drop connect from UNSEEDED RandomUniform, skip) with tf.layers batch norm, fixed "
+          "32x32; swish as TF 1.x built it: the function.Defun 'swish_f32' whose gradient "
+          "'swish_grad_f32f32' is registered in the function library (library.gradient).",
+          "library_gradient+unseeded_drop_connect",
+          functools.partial(build_efficientnet_tiny, swish="defun"), image_size=(32, 32),
+          infer_grads=True),
+        C("efficientnet_tf2_swish",
+          "The same EfficientNet blocks with swish built by TF 2.x's tf.nn.swish: an IdentityN "
+          "whose _gradient_op_type names a Python gradient that export does not save, so "
+          "hub.Module cannot differentiate the module; grad_norm/ is the analytic gradient of "
+          "the forward computation (the same weights with x * sigmoid(x) in place of swish).",
+          "lost_custom_gradient+unseeded_drop_connect",
+          functools.partial(build_efficientnet_tiny, swish="tf2"), image_size=(32, 32),
+          infer_grads=True, analytic_grad_build=functools.partial(build_efficientnet_tiny, swish="plain"),
+          export_in_subprocess=True),
     ]
 
 
 CASES = {c.name: c for c in _case_list()}
 
-# Full-size modules (not committed, for benchmarks).
+# Full-size modules (not committed; benchmarks and memory measurements). Each has set() and
+# {"train"} graphs, the standard signatures, non-trivial BN statistics.
 FULL = {
     "resnet_v2_50": dict(image_size=(224, 224), variable=True),
     "inception_v3": dict(image_size=(299, 299), variable=False),
     "mobilenet_v2_100": dict(image_size=(224, 224), variable=False),
+    "mobilenet_v1_100": dict(image_size=(224, 224), variable=False),
+    "inception_resnet_v2": dict(image_size=(299, 299), variable=False),
+    "nasnet_mobile": dict(image_size=(224, 224), variable=False),
+    "efficientnet_b0": dict(image_size=(224, 224), variable=False),
+    "efficientnet_b0_defun_swish": dict(image_size=(224, 224), variable=False),
 }
+# The layer tables these follow (fixture_nets.py): MobileNet-V1 (Howard et al. 2017, table 1),
+# MobileNet-V2 (Sandler et al. 2018, table 2), Inception-ResNet-v2 (Szegedy et al. 2016,
+# figures 9-18 as slim builds them), NASNet-A Mobile (Zoph et al. 2018: 4 @ 1056, N=4,
+# 44 filters), EfficientNet-B0 (Tan & Le 2019, table 1).
 
 
 def _build_full(name, case, is_training):
     if name == "resnet_v2_50":
         build_resnet_v2_tiny(case, is_training, full=True)
-    elif name == "inception_v3":
+        return
+    if name == "inception_v3":
         build_inception_v3_tiny(case, is_training, full=True)
-    elif name == "mobilenet_v2_100":
-        images = _image_placeholder(case)
-        logits, features, _ = fixture_nets.mobilenet_v2(images, 1001, is_training,
-                                                        depth_multiplier=1.0)
-        _standard_signatures(images, features, logits)
-        _attach_size(case)
+        return
+    images = _image_placeholder(case)
+    momentum = None
+    if name == "mobilenet_v2_100":
+        momentum = _momentum_input()
+        logits, features, _ = fixture_nets.mobilenet_v2(
+            images, 1001, is_training, depth_multiplier=1.0, batch_norm_decay=momentum)
+    elif name == "mobilenet_v1_100":
+        momentum = _momentum_input()
+        logits, features, _ = fixture_nets.mobilenet_v1(
+            images, 1001, is_training, batch_norm_decay=momentum,
+            conv_defs=fixture_nets.MOBILENET_V1_DEFS, first_depth=32, dropout_keep_prob=0.999)
+    elif name == "inception_resnet_v2":
+        momentum = _momentum_input()
+        # Without slim's auxiliary head (3.4M parameters), as the published 55.8M count.
+        logits, end_points = fixture_nets.inception_resnet_v2(
+            images, 1001, is_training, batch_norm_decay=momentum, create_aux_logits=False)
+        # As slim's PreLogitsFlatten: AFTER the dropout (like inception_v3's PreLogits).
+        features = end_points["PreLogitsFlatten"]
+    elif name == "nasnet_mobile":
+        momentum = _momentum_input()
+        with fixture_nets.nasnet_arg_scope(is_training, batch_norm_decay=momentum):
+            # NASNet-A Mobile trains without drop path (keep 1.0); Large's 0.7 is used here so
+            # that the train graph has the unseeded drop-path ops of the NASNet family.
+            logits, features = fixture_nets.nasnet_a(
+                images, 1001, is_training, num_cells=12, num_conv_filters=44,
+                drop_path_keep_prob=0.7, stem="imagenet")
+    elif name in ("efficientnet_b0", "efficientnet_b0_defun_swish"):
+        # EfficientNet's hub modules classify into 1000 classes (no background class).
+        logits, features = fixture_nets.efficientnet(
+            images, 1000, is_training,
+            swish="defun" if name.endswith("defun_swish") else "tf2")
     else:
         raise ValueError(name)
+    _standard_signatures(images, features, logits)
+    if momentum is not None:
+        _hparams_signatures(images, momentum, features, logits)
+    _attach_size(case)
 
 
 # =============================================================================================
@@ -553,7 +665,7 @@ def _images(case):
 
 
 def _ancestors(tensors):
-    seen, stack = set(), [t.op for t in tensors]
+    seen, stack = set(), [t if isinstance(t, tf.Operation) else t.op for t in tensors]
     while stack:
         op = stack.pop()
         if op in seen:
@@ -562,6 +674,104 @@ def _ancestors(tensors):
         stack.extend(t.op for t in op.inputs)
         stack.extend(op.control_inputs)
     return seen
+
+
+def _unseeded(op):
+    return op.get_attr("seed") == 0 and op.get_attr("seed2") == 0
+
+
+def _seeded_draw(op, like, seed):
+    """Seeded values with the shape, dtype and distribution of random op `op`."""
+    rng = np.random.RandomState(seed)
+    if op.type in ("RandomUniform", "StatelessRandomUniformV2"):
+        value = rng.uniform(0.0, 1.0, like.shape)
+    elif op.type in ("RandomStandardNormal", "StatelessRandomNormalV2"):
+        value = rng.standard_normal(like.shape)
+    else:
+        raise ValueError("no seeded stand-in for unseeded %s %s" % (op.type, op.name))
+    return value.astype(like.dtype)
+
+
+def _hub_cannot_differentiate(loss, variables):
+    """Proves that tf.gradients fails on the hub.Module application; says so for the json."""
+    try:
+        tf.gradients(loss, variables)
+    except LookupError as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0]
+        return ("analytic: hub.Module cannot differentiate this module (%s); grad_norm/ are the "
+                "gradients of the forward computation, computed by hub.Module from the same "
+                "weights in the same network built with x * tf.sigmoid(x) in place of swish, "
+                "with the same images, probe and random values" % first)
+    raise AssertionError("expected hub.Module to fail to differentiate this module")
+
+
+def _plain_spec(case):
+    """The module spec of case.analytic_grad_build (the network without the lost gradient)."""
+    module_fn = functools.partial(_module_fn, functools.partial(case.analytic_grad_build, case))
+    return hub.create_module_spec(module_fn, tags_and_args=case.tags_and_args,
+                                  drop_collections=_collections_to_drop(module_fn,
+                                                                        case.tags_and_args))
+
+
+def _module_grad_norms(source, tags, signature, output_key, images, probe, random_values,
+                       checkpoint=None):
+    """hub.Module(source, tags, trainable=True) applied to `signature`: the output and
+    {variable: norm of d(sum(output * probe))/d(variable)}, in one run with the random ops fed
+    `random_values` (which must be exactly the random ops the output depends on) and, from
+    `checkpoint` if given, the variables' values."""
+    with tf.Graph().as_default() as g:
+        module = hub.Module(source, tags=tags, trainable=True)
+        var_map = _var_map(module)
+        trainable = {v.op.name for v in tf1.trainable_variables()}
+        names = sorted(n for n, v in var_map.items() if v.op.name in trainable)
+        ins = _make_inputs(module.get_input_info_dict(signature))
+        out = module(ins, signature=signature, as_dict=True)[output_key]
+        loss = tf.reduce_sum(out * probe)
+        grads = tf.gradients(loss, [var_map[n] for n in names])
+        scope = "module_apply_%s/" % signature
+        here = sorted(op.name[len(scope):] for op in _ancestors([out])
+                      if op.type in RANDOM_OP_TYPES)
+        assert here == sorted(random_values), (here, sorted(random_values))
+        feed = {ins["images"]: images}
+        for name, value in random_values.items():
+            feed[g.get_tensor_by_name(scope + name + ":0")] = value
+        with tf1.Session(config=_session_config()) as sess:
+            sess.run(tf1.global_variables_initializer())
+            if checkpoint is not None:
+                for name, var in var_map.items():
+                    var.load(checkpoint.get_tensor(name), sess)
+            return sess.run((out, {n: tf.norm(gr) for n, gr in zip(names, grads)}), feed)
+
+
+def _analytic_grad_norms(case, path, signature, output_key, images, probe, recorded):
+    """grad_norm/ from the same weights in the network built by case.analytic_grad_build.
+
+    Returns ({variable: norm}, max |output - recorded output|) after checking that the forward
+    computation there reproduces the recorded training output."""
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    value, norms = _module_grad_norms(_plain_spec(case), {"train"}, signature, output_key,
+                                      images, probe, recorded["rand"], reader)
+    diff = float(np.max(np.abs(value - recorded["out"][output_key])))
+    assert diff <= 1e-5, "the forward computation differs from the module's by %g" % diff
+    return norms, diff
+
+
+def _inference_grad_norms(case, path, arrays, meta):
+    """grad_norm_infer/: the same loss in the set() graph (batch norm with moving statistics, no
+    random ops), where any side can reproduce it without feeding random values."""
+    sig, key = meta["grad_signature"], meta["grad_output_key"]
+    images = arrays["images/" + meta["train_batch"]]
+    if case.analytic_grad_build is None:
+        value, norms = _module_grad_norms(path, set(), sig, key, images, arrays["grad_probe"], {})
+    else:
+        reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+        value, norms = _module_grad_norms(_plain_spec(case), set(), sig, key, images,
+                                          arrays["grad_probe"], {}, reader)
+    diff = float(np.max(np.abs(value - arrays["infer/%s/%s/%s" % (sig, key,
+                                                                  meta["train_batch"])])))
+    assert diff <= 1e-5, "the inference output differs from the recorded one by %g" % diff
+    for n, v in norms.items():
+        arrays["grad_norm_infer/" + n] = np.float32(v)
 
 
 def _extra_feeds(sig_inputs, momentum):
@@ -663,11 +873,15 @@ def record_goldens(case, path):
             scope = "module_apply_%s/" % s
             assert all(op.name.startswith(scope) or op.name.startswith("in_") for op in new_ops
                        ), [op.name for op in new_ops if not op.name.startswith(scope)][:5]
-            anc = _ancestors(list(out.values()))
+            updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS) if in_train_graph else []
+            # Random ops the outputs depend on, and (default signature) the updates: with drop
+            # path they feed batch norms further on.
+            anc = _ancestors(list(out.values()) + (updates if s == "default" else []))
             rand_ops = sorted((op for op in new_ops if op.type in RANDOM_OP_TYPES and op in anc),
                               key=lambda op: op.name)
             fetch = {"out": out, "rand": {op.name[len(scope):]: op.outputs[0] for op in rand_ops},
                      "reg": tf1.losses.get_regularization_loss()}
+            unseeded = [op for op in rand_ops if _unseeded(op)]
             nodrop = case.nodropout.get(s, {})
             if nodrop:
                 fetch["nodrop"] = {k: g.get_tensor_by_name(scope + t) for k, t in nodrop.items()}
@@ -680,17 +894,32 @@ def record_goldens(case, path):
                     0.0, 1.0, shape).astype(np.float32)
                 loss = tf.reduce_sum(tf.reshape(target, shape) * probe)
                 vars_tr = [var_map[n] for n in names_tr]
-                grads = tf.gradients(loss, vars_tr)
-                missing = [n for n, gr in zip(names_tr, grads) if gr is None]
-                assert not missing, "no gradient for %s" % missing
-                fetch["gnorm"] = {n: tf.norm(tf.convert_to_tensor(gr))
-                                  for n, gr in zip(names_tr, grads)}
+                if case.analytic_grad_build is None:
+                    grads = tf.gradients(loss, vars_tr)
+                    missing = [n for n, gr in zip(names_tr, grads) if gr is None]
+                    assert not missing, "no gradient for %s" % missing
+                    fetch["gnorm"] = {n: tf.norm(tf.convert_to_tensor(gr))
+                                      for n, gr in zip(names_tr, grads)}
+                else:
+                    meta["grad_source"] = _hub_cannot_differentiate(loss, vars_tr)
             feed = {}
             for k, ph in ins.items():
                 feed[ph] = train_img if k == "images" else np.float32(BN_MOMENTUM_DEFAULT)
             with tf1.Session(config=_session_config()) as sess:
                 sess.run([tf1.global_variables_initializer(), tf1.tables_initializer()])
                 moving_before = sess.run({n: var_map[n] for n in names_nt})
+                if unseeded:
+                    # Their draws come from OS entropy: feed seeded values instead, as both
+                    # sides of a parity check can (train_random/ holds them).
+                    # Seeded by the op's name in the module, not the signature's: every
+                    # signature's application draws the same values, so the moving averages
+                    # (recorded for `default`) go with any signature's train_random/.
+                    drawn = sess.run([op.outputs[0] for op in unseeded], feed)
+                    for op, value in zip(unseeded, drawn):
+                        feed[op.outputs[0]] = _seeded_draw(
+                            op, value, _seed_for(case.name, "random/" + op.name[len(scope):]))
+                    meta.setdefault("unseeded_random_ops", {})[s] = sorted(
+                        op.name[len(scope):] for op in unseeded)
                 res = sess.run(fetch, feed)
                 if in_train_graph:
                     for k, v in res["out"].items():
@@ -705,18 +934,27 @@ def record_goldens(case, path):
                     meta["random_ops"][s] = sorted(res["rand"])
                 if s == grad_sig:
                     arrays["grad_probe"] = probe
+                    if case.analytic_grad_build is not None:
+                        res["gnorm"], meta["grad_forward_max_abs_diff"] = _analytic_grad_norms(
+                            case, path, s, grad_key, train_img, probe, res)
                     for n, v in res["gnorm"].items():
                         arrays["grad_norm/" + n] = np.float32(v)
                 if s == "default" or (s == grad_sig and not in_train_graph):
                     arrays["regularization_loss"] = np.float32(res["reg"])
                 if s == "default" and in_train_graph:
-                    updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
                     meta["num_update_ops"] = len(updates)
+                    # The same random values as the run above (drop path feeds batch norms).
+                    for k, v in res["rand"].items():
+                        feed[g.get_tensor_by_name(scope + k + ":0")] = v
                     sess.run(updates, feed)
                     after = sess.run({n: var_map[n] for n in names_nt})
                     for n in names_nt:
                         arrays["moving_before/" + n] = np.asarray(moving_before[n], np.float32)
                         arrays["moving_after/" + n] = np.asarray(after[n], np.float32)
+
+    if case.infer_grads:
+        _inference_grad_norms(case, path, arrays, meta)
+        meta["grad_norm_infer"] = True
 
     # ---------------- bn hparams: moving averages after one step with the hparam fed -------------
     if case.hparams_signature:
@@ -842,9 +1080,22 @@ def write_manifest(case, out_root):
         f.write("\n")
 
 
+def export_in_subprocess(case, path):
+    """export_module in a fresh interpreter (see Case.export_in_subprocess)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--export-module",
+                           case.name, "--to", path], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError("exporting %s in a subprocess failed:\n%s" % (
+            case.name, proc.stderr[-3000:]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def generate(case, out_root, manifest=True):
     mpath = os.path.join(out_root, "modules", case.name)
-    drop = export_module(case, mpath)
+    if case.export_in_subprocess:
+        drop = export_in_subprocess(case, mpath)
+    else:
+        drop = export_module(case, mpath)
     arrays, meta = record_goldens(case, mpath)
     meta = golden_meta(case, mpath, meta, drop)
     gdir = os.path.join(out_root, "goldens")
@@ -939,10 +1190,18 @@ def generate_full(name, out_root):
     path = os.path.join(out_root, "full", name)
     export_module(case, path, build=build)
     size = sum(os.path.getsize(p) for p in _files_under(path))
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    shapes = reader.get_variable_to_shape_map()
     with tf.Graph().as_default():
-        m = hub.Module(path)
-        print("%s: %.1f MB, signatures %s, expected size %s" % (
-            name, size / 2**20, sorted(m.get_signature_names()), hub.get_expected_image_size(m)))
+        m = hub.Module(path, trainable=True)
+        trainable = {v.op.name for v in tf1.trainable_variables()}
+        params = sum(int(np.prod(shapes[n])) for n, v in _var_map(m).items()
+                     if v.op.name in trainable)
+        total = sum(int(np.prod(s)) for s in shapes.values())
+        print("%s: %.1f MB on disk, %.2fM trainable parameters, %.1f MB of variables, "
+              "signatures %s, expected size %s" % (
+                  name, size / 2**20, params / 1e6, total * 4 / 2**20,
+                  sorted(m.get_signature_names()), hub.get_expected_image_size(m)))
 
 
 def main(argv=None):
@@ -954,7 +1213,12 @@ def main(argv=None):
     p.add_argument("--check", action="store_true",
                    help="regenerate into a temp dir and compare with the corpus in --out")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--export-module", default="", help=argparse.SUPPRESS)
+    p.add_argument("--to", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.export_module:  # The child of export_in_subprocess.
+        print(json.dumps(export_module(CASES[args.export_module], args.to)))
+        return 0
     if args.list:
         for c in CASES.values():
             print("%-26s %s" % (c.name, c.description))

@@ -48,15 +48,17 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from migrate import errors
 from migrate import fileutil
 from migrate import isolation
+from migrate import keras_format
 from migrate import preflight
+from migrate import staging
 
 STATE_FILENAME = ".migrate-batch-state.json"
 WORK_DIRNAME = ".migrate-batch"
 STATE_VERSION = 1
 MODULE_DEF_FILENAME = preflight.MODULE_DEF_FILENAME
 SAVED_MODEL_FILENAME = preflight.SAVED_MODEL_FILENAME
-MODEL_CARD_FILENAME = "MODEL_CARD.md"  # As export.MODEL_CARD_FILENAME.
-MODEL_CARD_TITLE = "# Model card: converted TF1 Hub module"
+MODEL_CARD_FILENAME = staging.MODEL_CARD_FILENAME
+MODEL_CARD_TITLE = staging.MODEL_CARD_TITLE
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 KIND_DIRECTORY = "directory"
@@ -67,15 +69,10 @@ STATUS_CONVERTED = "converted"
 STATUS_SKIPPED = "skipped (up to date)"
 STATUS_FAILED = "failed"
 
-# Safety limits for extracting a module archive (a module is a few files; the
-# largest TF1 Hub image modules are well under 2 GB).
-MAX_ARCHIVE_BYTES = 8 << 30
-MAX_ARCHIVE_MEMBERS = 10_000
-
-# Temporary directories that export.stage / StagedOutput.commit leave beside a
-# DST when their process is killed: ".<basename>.migrate-tmp-<pid>-..." and
-# ".<basename>.migrate-old-<pid>-..." (tests check this matches export.py).
-_STAGING_MARKS = (".migrate-tmp-", ".migrate-old-")
+# Safety limits for extracting a module archive: those of a module directory.
+MAX_ARCHIVE_BYTES = fileutil.MAX_SOURCE_BYTES
+MAX_ARCHIVE_MEMBERS = fileutil.MAX_SOURCE_ENTRIES
+MAX_MANIFEST_BYTES = 64 << 20  # Hundreds of thousands of rows.
 
 
 class ManifestError(errors.MigrationError):
@@ -99,12 +96,29 @@ class ConvertOptions:
   # Replace an existing DST that this batch did not make (one it made from an
   # older source, or whose conversion was interrupted, is always replaced).
   overwrite: bool = False
+  # keras_format.FORMAT_SAVEDMODEL, or FORMAT_KERAS: each DST is then
+  # `<destination>.keras`, a native Keras 3 model (see `output_destinations`).
+  output_format: str = keras_format.FORMAT_SAVEDMODEL
 
   def fingerprint(self) -> dict[str, Any]:
     """The options that change the output: a record is reused only if equal."""
-    return {"signature": self.signature, "output_key": self.output_key,
-            "keep_output_dropout": self.keep_output_dropout,
-            "verify": self.verify, "allow_unsafe_ops": self.allow_unsafe_ops}
+    fp = {"signature": self.signature, "output_key": self.output_key,
+          "keep_output_dropout": self.keep_output_dropout,
+          "verify": self.verify, "allow_unsafe_ops": self.allow_unsafe_ops}
+    if self.output_format != keras_format.FORMAT_SAVEDMODEL:
+      fp["output_format"] = self.output_format  # (Older records: SavedModels.)
+    return fp
+
+
+def output_destinations(sources: Sequence["Source"], output_format: str
+                        ) -> list["Source"]:
+  """`sources` with the destinations of `output_format`: `.keras` files for
+  FORMAT_KERAS (a destination already ending in `.keras` is kept)."""
+  if output_format != keras_format.FORMAT_KERAS:
+    return list(sources)
+  return [s if keras_format.is_keras_path(s.destination) else
+          dataclasses.replace(s, destination=s.destination + keras_format.SUFFIX)
+          for s in sources]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +130,9 @@ class Source:
   destination: str  # Absolute path of the converted model.
   signature: Optional[str] = None  # Per-module overrides of ConvertOptions.
   output_key: Optional[str] = None
+  # What a discovered source must stay inside (SRC_ROOT): a symlink out of it
+  # is refused. None: the source itself is the boundary (manifest rows).
+  root: Optional[str] = None
 
   @property
   def name(self) -> str:
@@ -168,6 +185,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
   if os.path.isfile(os.path.join(src_root, MODULE_DEF_FILENAME)):
     return [Source(src_root, KIND_DIRECTORY,
                    os.path.join(dst_root, os.path.basename(src_root)))]
+  # The walk lists symlinks without following them; a module reached through
+  # one is checked against SRC_ROOT when it is planned (`Source.root`).
   sources = []
   for root, dirs, files in os.walk(src_root):
     dirs.sort()
@@ -179,7 +198,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
         continue
       if os.path.isfile(os.path.join(full, MODULE_DEF_FILENAME)):
         rel = os.path.relpath(full, src_root)
-        sources.append(Source(full, KIND_DIRECTORY, os.path.join(dst_root, rel)))
+        sources.append(Source(full, KIND_DIRECTORY, os.path.join(dst_root, rel),
+                              root=src_root))
       else:
         keep.append(d)
     dirs[:] = keep
@@ -187,7 +207,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
       if _is_archive(f) and not f.startswith("."):
         full = os.path.join(root, f)
         rel = os.path.relpath(os.path.join(root, _archive_stem(f)), src_root)
-        sources.append(Source(full, KIND_ARCHIVE, os.path.join(dst_root, rel)))
+        sources.append(Source(full, KIND_ARCHIVE, os.path.join(dst_root, rel),
+                              root=src_root))
   return sorted(sources, key=lambda s: s.destination)
 
 
@@ -216,11 +237,14 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
   src_root = os.path.abspath(src_root)
   dst_root = os.path.abspath(dst_root)
   try:
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.DictReader(f))
-      header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    # A regular file of sane size: a FIFO or /dev/zero must not block.
+    text = fileutil.read_regular_file(manifest, max_bytes=MAX_MANIFEST_BYTES)
+    rows = list(csv.DictReader(io.StringIO(text.decode("utf-8-sig"), newline="")))
+    header = [h.strip() for h in (rows[0].keys() if rows else [])]
   except FileNotFoundError:
     raise errors.InputNotFoundError(f"{manifest}: no such manifest file") from None
+  except errors.MigrationError as e:
+    raise ManifestError(str(e)) from None
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise ManifestError(f"{manifest}: expected a UTF-8 CSV file, found "
                         f"{type(e).__name__}: {e}") from None
@@ -262,37 +286,31 @@ def read_manifest(manifest: str, src_root: str, dst_root: str) -> list[Source]:
 
 # -- content hashes --------------------------------------------------------------
 
-def tree_sha256(path: str) -> str:
-  """sha256 over every file of a directory: relative paths, sizes, contents."""
-  digest = hashlib.sha256()
-  for root, dirs, files in os.walk(path):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, path).replace(os.sep, "/")
-      digest.update(f"{rel}\0{os.path.getsize(full)}\0".encode())
-      with open(full, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-  return digest.hexdigest()
+tree_sha256 = fileutil.tree_sha256
 
 
 def source_sha256(location: str, kind: str) -> str:
-  """The content hash of a local source (archive file or module directory)."""
+  """The content hash of a local source (archive file or module directory):
+  every byte that conversion reads (files reached through symlinks inside the
+  module included). FIFOs, devices and links out of it are refused before
+  anything opens them, so planning cannot block."""
   if kind == KIND_ARCHIVE:
     return fileutil.file_sha256(location)
-  return tree_sha256(location)
+  return fileutil.tree_sha256(location)
 
 
 def _source_size(source: Source) -> int:
-  try:
-    if source.kind == KIND_ARCHIVE:
-      return os.path.getsize(source.location)
-    if source.kind == KIND_DIRECTORY:
-      return sum(os.path.getsize(os.path.join(r, f))
-                 for r, _, fs in os.walk(source.location) for f in fs)
-  except OSError:
-    pass
+  """Bytes of a local source; refuses what `source_sha256` refuses."""
+  if source.kind == KIND_ARCHIVE:
+    os.close(fileutil.open_regular(source.location))
+    size = os.path.getsize(source.location)
+    if size > MAX_ARCHIVE_BYTES:
+      raise errors.CorruptModuleError(
+          f"{source.location}: expected an archive of at most "
+          f"{MAX_ARCHIVE_BYTES} bytes, found {size}")
+    return size
+  if source.kind == KIND_DIRECTORY:
+    return sum(f.size for f in fileutil.source_files(source.location))
   return 0
 
 
@@ -315,7 +333,8 @@ def extract_archive(archive: str, dest: str, *,
 
   os.makedirs(dest)
   try:
-    with tarfile.open(archive, "r:*") as tar:
+    with os.fdopen(fileutil.open_regular(archive), "rb") as raw, \
+         tarfile.open(fileobj=raw, mode="r:*") as tar:
       members = []
       total = 0
       for member in tar:
@@ -432,9 +451,8 @@ def convert_in_worker(item: WorkItem) -> dict[str, Any]:
                           max_bytes=item.max_archive_bytes)
   elif item.kind == KIND_URL:
     src = _resolve_url(item.location, item.tfhub_cache)
-    sha = tree_sha256(src)
-    if sha == item.skip_if_sha256 and os.path.isfile(
-        os.path.join(item.destination, SAVED_MODEL_FILENAME)):
+    sha = fileutil.tree_sha256(src)
+    if sha == item.skip_if_sha256 and keras_format.output_exists(item.destination):
       return {"skipped": True, "source_sha256": sha}
   from migrate import convert  # pylint: disable=g-import-not-at-top
   result = convert.convert(src, item.destination, **item.options).to_dict()
@@ -533,11 +551,15 @@ class BatchReport:
             f"failed, in {self.seconds:.1f}s with {self.jobs} worker(s)")
 
   def to_dict(self) -> dict[str, Any]:
-    return {"dst_root": self.dst_root, "jobs": self.jobs,
-            "started_at": self.started_at, "seconds": round(self.seconds, 3),
-            "state": self.state_path, "counts": self.counts,
-            "exit_code": int(self.exit_code),
-            "modules": [dataclasses.asdict(m) for m in self.modules]}
+    """The report as plain data; every text escaped (`errors.printable`):
+    paths and messages quote module text, and a path that is not UTF-8
+    could not be written otherwise."""
+    return _printable({
+        "dst_root": self.dst_root, "jobs": self.jobs,
+        "started_at": self.started_at, "seconds": round(self.seconds, 3),
+        "state": self.state_path, "counts": self.counts,
+        "exit_code": int(self.exit_code),
+        "modules": [dataclasses.asdict(m) for m in self.modules]})
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1)
@@ -552,7 +574,8 @@ class BatchReport:
         value = m.stage_seconds.get(stage)
         row[f"{stage}_s"] = "" if value is None else f"{value:.3f}"
       row["seconds"] = f"{m.seconds:.3f}"
-      writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+      writer.writerow({k: ("" if v is None else _printable(v))
+                       for k, v in row.items()})
     return out.getvalue()
 
   def write(self, path: str) -> None:
@@ -572,8 +595,9 @@ class BatchReport:
       if m.error:
         error = f"[{m.exit_code}] {m.error}"
         error = error if len(error) <= 160 else error[:157] + "..."
-      rows.append((rel(m.destination), m.status,
-                   f"{m.seconds:.1f}s" if m.seconds else "-", parity, error))
+      rows.append((errors.printable(rel(m.destination)), m.status,
+                   f"{m.seconds:.1f}s" if m.seconds else "-", parity,
+                   errors.printable(error)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join([v.ljust(w) for v, w in zip(r[:4], widths)] + [r[4]]).rstrip()
              for r in rows]
@@ -668,21 +692,10 @@ def clean_stale_files(dst_root: str, destinations: Iterable[str]) -> list[str]:
         removed.append(os.path.join(dst_root, name))
   except OSError:
     pass
-  by_parent: dict[str, set[str]] = {}
   for dst in destinations:
-    by_parent.setdefault(os.path.dirname(dst), set()).add(os.path.basename(dst))
-  marks = "|".join(re.escape(m) for m in _STAGING_MARKS)
-  for parent, bases in by_parent.items():
-    try:
-      names = os.listdir(parent)
-    except OSError:
-      continue
-    for base in bases:
-      pattern = re.compile(rf"^\.{re.escape(base)}({marks})(\d+)-")
-      for name in names:
-        match = pattern.match(name)
-        if match and _remove_if_dead(os.path.join(parent, name), match.group(2)):
-          removed.append(os.path.join(parent, name))
+    if os.path.isdir(os.path.dirname(dst)):
+      removed += [os.path.join(os.path.dirname(dst), name)
+                  for name in staging.clean_stale(dst)]
   return removed
 
 
@@ -757,8 +770,19 @@ def default_jobs() -> int:
 # -- the batch -------------------------------------------------------------------
 
 def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split("\n")).strip()
-  return text or type(error).__name__
+  """The error's cause, escaped, as one line of any length."""
+  return errors.printable(errors.first_line(error, limit=None))
+
+
+def _printable(value: Any) -> Any:
+  """`value` with every string in it escaped by `errors.printable`."""
+  if isinstance(value, str):
+    return errors.printable(value)
+  if isinstance(value, dict):
+    return {_printable(k): _printable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_printable(v) for v in value]
+  return value
 
 
 class BatchRunner:
@@ -770,7 +794,8 @@ class BatchRunner:
 
   def __init__(self, dst_root: str, *, jobs: int, timeout: Optional[float],
                options: ConvertOptions, on_progress, quiet: bool,
-               threads_per_worker: Optional[int], max_archive_bytes: int):
+               threads_per_worker: Optional[int], max_archive_bytes: int,
+               memory_limit: Optional[int] = None):
     self.dst_root = dst_root
     self.work_dir = os.path.join(dst_root, WORK_DIRNAME)
     self.scratch_root = os.path.join(self.work_dir, "tmp")
@@ -783,6 +808,7 @@ class BatchRunner:
     self.quiet = quiet
     self.threads = threads_per_worker
     self.max_archive_bytes = max_archive_bytes
+    self.memory_limit = memory_limit
     self.cancelled = threading.Event()
     self._dirs_lock = threading.Lock()
     self._in_flight: dict[str, int] = {}  # DST parents of running modules.
@@ -843,7 +869,7 @@ class BatchRunner:
         and record.get("source_sha256") == sha
         and record.get("source") == source.location
         and record.get("options") == self.fingerprint(source)
-        and os.path.isfile(os.path.join(source.destination, SAVED_MODEL_FILENAME))):
+        and keras_format.output_exists(source.destination)):
       return record
     return None
 
@@ -858,12 +884,14 @@ class BatchRunner:
     """DST was made by a batch here (recorded), or is our model, unrecorded."""
     if self.state.get(destination) is not None:
       return True
+    if keras_format.is_keras_path(destination):
+      return keras_format.read_metadata(destination) is not None
     try:
-      with open(os.path.join(destination, MODEL_CARD_FILENAME),
-                encoding="utf-8") as f:
-        return f.readline().strip() == MODEL_CARD_TITLE
-    except OSError:
+      card = fileutil.read_regular_file(
+          os.path.join(destination, MODEL_CARD_FILENAME), max_bytes=1 << 20)
+    except (OSError, errors.MigrationError):
       return False
+    return card.split(b"\n", 1)[0].strip() == MODEL_CARD_TITLE.encode()
 
   def _rewrite_paths(self, text: str, source: Source,
                      scratch: Optional[str]) -> str:
@@ -877,12 +905,13 @@ class BatchRunner:
       text = text.replace(cached, source.location)
     return text
 
-  def process(self, source: Source, sha: Optional[str]) -> Optional[ModuleOutcome]:
+  def process(self, source: Source, sha: Optional[str],
+              size: int = 0) -> Optional[ModuleOutcome]:
     """Converts one module in a worker process; records and returns the outcome."""
     if self.cancelled.is_set():
       return None
     self.emit("started", module=source.location)
-    outcome = self.convert(source, sha)
+    outcome = self.convert(source, sha, size)
     if self.cancelled.is_set() or (
         outcome.exit_code == errors.ExitCode.INTERNAL
         and "(KeyboardInterrupt" in (outcome.error or "")):
@@ -899,7 +928,14 @@ class BatchRunner:
       record["options"] = self.fingerprint(source)
       self.state.put(source.destination, record)
 
-  def convert(self, source: Source, sha: Optional[str]) -> ModuleOutcome:
+  def module_timeout(self, size: int) -> Optional[float]:
+    """The time limit of a module of `size` bytes (None: no limit)."""
+    if self.timeout is None:
+      return preflight.default_timeout(size)
+    return self.timeout or None
+
+  def convert(self, source: Source, sha: Optional[str],
+              size: int = 0) -> ModuleOutcome:
     """Converts one module in a worker process (no state, no progress)."""
     began = time.monotonic()
     outcome = ModuleOutcome(source=source.location,
@@ -934,9 +970,16 @@ class BatchRunner:
                           else None),
           threads=self.threads, quiet=self.quiet,
           max_archive_bytes=self.max_archive_bytes)
-      result = isolation.run_isolated(
-          convert_in_worker, item, what=source.location, timeout=self.timeout,
-          quiet=False)  # The child silences its own stderr (item.quiet).
+      before = staging.path_identity(source.destination)
+      try:
+        result = isolation.run_isolated(
+            convert_in_worker, item, what=source.location,
+            timeout=self.module_timeout(size), memory_limit=self.memory_limit,
+            quiet=False)  # The child silences its own stderr (item.quiet).
+      except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
+              errors.ResourceLimitError) as e:
+        raise staging.settled(e, source.destination, before,
+                              verified=self.options.verify) from None
       if result.get("source_sha256"):
         outcome.source_sha256 = result["source_sha256"]
       if result.get("skipped"):
@@ -954,7 +997,8 @@ class BatchRunner:
     except errors.MigrationError as e:
       outcome.status = STATUS_FAILED
       outcome.exit_code = int(e.exit_code)
-      outcome.error = self._rewrite_paths(_one_line(e), source, scratch)
+      outcome.error = self._rewrite_paths(_one_line(e),
+                                          source, scratch)
       report_json = getattr(e, "report_json", "")
       if report_json:
         for k, v in _parity_fields(report_json).items():
@@ -963,8 +1007,9 @@ class BatchRunner:
     except OSError as e:  # Creating DST's parent or the scratch directory.
       outcome.status = STATUS_FAILED
       outcome.exit_code = int(errors.ExitCode.OUTPUT)
-      outcome.error = (f"{source.destination}: expected a writable output "
-                       f"directory, found {type(e).__name__}: {e}")
+      outcome.error = errors.printable(
+          f"{source.destination}: expected a writable output directory, found "
+          f"{type(e).__name__}: {e}")
     finally:
       if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -992,11 +1037,16 @@ class BatchRunner:
     def one(source: Source):
       if source.kind == KIND_URL:
         return None, 0, None
-      if not os.path.exists(source.location):
+      if not os.path.lexists(source.location):
         return None, 0, errors.InputNotFoundError(
             f"{source.location}: no such file or directory")
       try:
-        return source_sha256(source.location, source.kind), _source_size(source), None
+        if source.root:
+          fileutil.check_within(source.location, source.root)
+        size = _source_size(source)  # Checks every entry before any is opened.
+        return source_sha256(source.location, source.kind), size, None
+      except errors.MigrationError as e:
+        return None, 0, e
       except OSError as e:
         return None, 0, errors.InputNotFoundError(
             f"{source.location}: expected a readable module, found "
@@ -1010,7 +1060,8 @@ class BatchRunner:
         outcomes[i] = ModuleOutcome(
             source=source.location, destination=source.destination,
             kind=source.kind, status=STATUS_FAILED,
-            exit_code=int(error.exit_code), error=_one_line(error),
+            exit_code=int(error.exit_code),
+            error=_one_line(error),
             finished_at=now_iso())
         self.record(source, outcomes[i])
         continue
@@ -1022,6 +1073,87 @@ class BatchRunner:
     # Largest first: the long modules start early, the short ones fill in.
     todo.sort(key=lambda t: -t[3])
     return outcomes, todo
+
+
+# -- memory ----------------------------------------------------------------------
+# Peak RSS of one module's whole process tree (worker and reference child),
+# converted and verified, measured with tools/memory.py on the full-size families
+# (README, Performance): at most PEAK_BASE_BYTES + PEAK_PER_VARIABLE_BYTE x the
+# checkpoint + PEAK_PER_GRAPH_BYTE x saved_model.pb (NASNet's 8 MB graph costs
+# more than Inception-v3's 91 MB of variables). For an archive the graph's share
+# is unknown: up to UNKNOWN_GRAPH_BYTES of it is counted as graph; a URL's size
+# is unknown before it is downloaded.
+PEAK_BASE_BYTES = 1600 << 20
+PEAK_PER_VARIABLE_BYTE = 15
+PEAK_PER_GRAPH_BYTE = 300
+UNKNOWN_GRAPH_BYTES = 8 << 20
+UNKNOWN_SIZE_BYTES = 256 << 20
+# Left free for the batch process itself, the page cache and everyone else.
+MEMORY_RESERVE_BYTES = 1 << 30
+AVAILABLE_MEMORY = -1  # run_batch's default budget: MemAvailable at the start.
+
+
+def estimated_peak_bytes(module_bytes: int, graph_bytes: Optional[int] = None) -> int:
+  """The estimated peak memory of converting and verifying one module of
+  `module_bytes` (0: unknown) whose saved_model.pb has `graph_bytes`."""
+  module_bytes = module_bytes or UNKNOWN_SIZE_BYTES
+  if graph_bytes is None:
+    graph_bytes = min(module_bytes, UNKNOWN_GRAPH_BYTES)
+  return (PEAK_BASE_BYTES + PEAK_PER_GRAPH_BYTE * graph_bytes +
+          PEAK_PER_VARIABLE_BYTE * max(0, module_bytes - graph_bytes))
+
+
+def _graph_bytes(source: Source) -> Optional[int]:
+  if source.kind != KIND_DIRECTORY:
+    return None
+  try:
+    return os.path.getsize(os.path.join(source.location, SAVED_MODEL_FILENAME))
+  except OSError:
+    return None
+
+
+def available_memory_bytes() -> Optional[int]:
+  """MemAvailable of /proc/meminfo (None where there is none)."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+class MemoryGate:
+  """Starts a module's worker only while the estimated peaks of the workers
+  running fit in `budget` bytes; one worker may always run (a module bigger
+  than the budget runs alone). `budget` None: no limit."""
+
+  def __init__(self, budget: Optional[int]):
+    self.budget = budget
+    self.in_use = 0
+    self.running = 0
+    self.most_running = 0
+    self._cond = threading.Condition()
+
+  def run(self, need: int, cancelled: threading.Event, fn: Callable, *args):
+    """`fn(*args)` once `need` bytes fit (None if cancelled while waiting)."""
+    with self._cond:
+      while (self.budget is not None and self.running and
+             self.in_use + need > self.budget):
+        if cancelled.is_set():
+          return None
+        self._cond.wait(timeout=0.5)
+      self.in_use += need
+      self.running += 1
+      self.most_running = max(self.most_running, self.running)
+    try:
+      return fn(*args)
+    finally:
+      with self._cond:
+        self.in_use -= need
+        self.running -= 1
+        self._cond.notify_all()
 
 
 def _kill_workers() -> None:
@@ -1040,10 +1172,14 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
               on_progress: Optional[Callable[[Progress], None]] = None,
               quiet: bool = True,
               threads_per_worker: Optional[int] = None,
-              max_archive_bytes: int = MAX_ARCHIVE_BYTES) -> BatchReport:
+              max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+              memory_limit: Optional[int] = None,
+              memory_budget: Optional[int] = AVAILABLE_MEMORY) -> BatchReport:
   """Converts and verifies every source, `jobs` at a time; returns the report.
 
-  Each module runs in its own spawned process (`timeout` seconds at most).
+  Each module runs in its own spawned process (`timeout` seconds at most;
+  None: `preflight.default_timeout` of the module's size; 0: no limit), with
+  at most `memory_limit` bytes of data (see `isolation.run_isolated`).
   Modules recorded in DST_ROOT's state as converted from the same content
   with the same options, whose DST exists, are skipped. A failure of one
   module never stops the others; `BatchReport.exit_code` is 10 if any failed.
@@ -1051,8 +1187,12 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   removed by the next run) and the exception propagates.
   `threads_per_worker` (default: cores // jobs) caps TensorFlow's thread
   pools in each worker so that `jobs` workers do not oversubscribe the CPU.
+  `memory_budget` (bytes; default: MemAvailable at the start less
+  MEMORY_RESERVE_BYTES; None: no limit) holds workers back while the
+  estimated peaks of those running (`estimated_peak_bytes`) would exceed it.
   """
   options = options or ConvertOptions()
+  sources = output_destinations(sources, options.output_format)
   jobs = max(1, jobs or default_jobs())
   dst_root = os.path.abspath(dst_root)
   if threads_per_worker is None:
@@ -1067,7 +1207,7 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
   batch = BatchRunner(dst_root, jobs=jobs, timeout=timeout, options=options,
                  on_progress=on_progress, quiet=quiet,
                  threads_per_worker=threads_per_worker,
-                 max_archive_bytes=max_archive_bytes)
+                 max_archive_bytes=max_archive_bytes, memory_limit=memory_limit)
   try:
     clean_stale_files(dst_root, [s.destination for s in sources])
     outcomes, todo = batch.plan(sources)
@@ -1076,12 +1216,20 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
     batch.total = len(todo) + failed
     batch.done = batch.failed = failed
     batch.emit("planned")
+    if memory_budget == AVAILABLE_MEMORY:
+      available = available_memory_bytes()
+      memory_budget = (None if available is None
+                       else max(0, available - MEMORY_RESERVE_BYTES))
+    gate = MemoryGate(memory_budget)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=jobs, thread_name_prefix="migrate-batch")
     futures: dict[concurrent.futures.Future, int] = {}
     try:
-      for i, source, sha, _ in todo:
-        futures[executor.submit(batch.process, source, sha)] = i
+      for i, source, sha, size in todo:
+        need = estimated_peak_bytes(size if source.kind != KIND_URL else 0,
+                                    _graph_bytes(source))
+        futures[executor.submit(gate.run, need, batch.cancelled, batch.process,
+                                source, sha, size)] = i
       pending = set(futures)
       while pending:
         finished, pending = concurrent.futures.wait(
@@ -1103,6 +1251,9 @@ def run_batch(sources: Sequence[Source], dst_root: str, *,
         _kill_workers()
         _, still = concurrent.futures.wait(running, timeout=0.2)
         running = list(still)
+      # The killed workers' staging directories go now, not at the next run.
+      for _, source, _, _ in todo:
+        staging.clean_stale(source.destination)
       raise
     finally:
       executor.shutdown(wait=True, cancel_futures=True)

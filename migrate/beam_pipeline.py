@@ -64,7 +64,8 @@ class ConvertModuleFn(beam.DoFn):
 
   def process(self, element: dict[str, Any]):
     source = batch.Source(**element["source"])
-    outcome = self._runner.convert(source, element["sha256"])
+    outcome = self._runner.convert(source, element["sha256"],
+                                   element.get("size", 0))
     yield json.dumps({"index": element["index"],
                       "outcome": dataclasses.asdict(outcome)})
 
@@ -88,6 +89,7 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
                  max_archive_bytes: int = batch.MAX_ARCHIVE_BYTES) -> batch.BatchReport:
   """Runs the batch on a Beam runner (DirectRunner by default); -> BatchReport."""
   options = options or batch.ConvertOptions()
+  sources = batch.output_destinations(sources, options.output_format)
   dst_root = os.path.abspath(dst_root)
   started_at = batch.now_iso()
   work_dir = os.path.join(dst_root, batch.WORK_DIRNAME)
@@ -104,8 +106,9 @@ def run_pipeline(sources: Sequence[batch.Source], dst_root: str, *,
   try:
     batch.clean_stale_files(dst_root, [s.destination for s in sources])
     outcomes, todo = runner.plan(sources)
-    elements = [{"index": i, "source": dataclasses.asdict(source), "sha256": sha}
-                for i, source, sha, _ in todo]
+    elements = [{"index": i, "source": dataclasses.asdict(source), "sha256": sha,
+                 "size": size}  # For the default time limit.
+                for i, source, sha, size in todo]
     if elements:
       fn = ConvertModuleFn(dst_root, options, timeout, threads_per_worker,
                            max_archive_bytes)

@@ -11,9 +11,17 @@ same variables. `prune` then cuts one function per graph variant:
   updates of reference-variable graphs rewritten to resource ops);
 - regularization losses: all REGULARIZATION_LOSSES tensors.
 
+Gradients: each graph first goes through `graph_rewrite.repair_gradients`;
+every IdentityN it puts after a call with a library gradient gets, at import,
+a gradient of its own (`library_gradient`, registered like what
+`tf.custom_gradient` registers), which `tf.saved_model.save` saves with the
+model.
+
 The root object implements the Reusable SavedModel API:
 `__call__(images, training=False, **hparams)`, `variables`,
-`trainable_variables`, `regularization_losses`, plus `metadata`.
+`trainable_variables` (those `__call__`'s training computation reaches with
+a gradient), `regularization_losses`, plus `metadata` and the endpoints that
+Keras 3's `TFSMLayer` calls, `serve(images)` and `call_training(images)`.
 """
 
 from __future__ import annotations
@@ -25,13 +33,24 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
+import migrate
 from migrate import errors
 from migrate import graph_rewrite
 from migrate import legacy_format
 from migrate import plan as plan_lib
 
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = migrate.__version__
+# Names the Keras 3 endpoints: `keras.layers.TFSMLayer(path)` calls `serve`
+# by default; `call_training` is the name Keras's own `ExportArchive`
+# documentation gives a training-mode forward pass, for
+# `TFSMLayer(path, call_training_endpoint="call_training")`.
+SERVE_ENDPOINT = "serve"
+TRAINING_ENDPOINT = "call_training"
+# TensorFlow's registry of gradient functions (`ops.NotDifferentiable` puts
+# None there); read to know which variables a gradient reaches.
+_GRADIENT_REGISTRY = tf_ops.gradient_registry
 
 
 class MigratedModel(tf.__internal__.tracking.AutoTrackable):
@@ -72,10 +91,35 @@ def _graph_variables(graph_def) -> dict[str, tuple[tf.DType, tf.TensorShape]]:
   return result
 
 
-def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variable]:
-  """One eager variable per graph variable, restored from the checkpoint."""
-  trainable = {v.name for variant in module.variants.values()
-               for v in variant.variables if v.trainable}
+def _module_trainable(module: legacy_format.LegacyModule) -> set[str]:
+  return {v.name for variant in module.variants.values()
+          for v in variant.variables if v.trainable}
+
+
+def _variables_with_gradient(graph_def, tensor: str) -> set[str]:
+  """The variables a gradient of `tensor` reaches: those it reads through
+  data edges and ops that have a gradient (not through, e.g., `Shape` or
+  `StopGradient`, which TensorFlow registers as not differentiable)."""
+  nodes = {n.name: n for n in graph_def.node}
+  variable_ops = graph_rewrite.RESOURCE_VARIABLE_OPS | graph_rewrite.REF_VARIABLE_OPS
+  found, seen, todo = set(), set(), [legacy_format.node_name(tensor)]
+  while todo:
+    name = todo.pop()
+    node = nodes.get(name)
+    if name in seen or node is None:
+      continue
+    seen.add(name)
+    if node.op in variable_ops:
+      found.add(name)
+    elif not _not_differentiable(node.op):
+      todo.extend(legacy_format.node_name(r) for r in node.input if not r.startswith("^"))
+  return found
+
+
+def _create_variables(module: legacy_format.LegacyModule,
+                      trainable: set[str]) -> dict[str, tf.Variable]:
+  """One eager variable per graph variable, restored from the checkpoint;
+  those named in `trainable` are trainable."""
   in_graph: dict[str, tuple[tf.DType, tf.TensorShape]] = {}
   order: list[str] = []
   for tags in sorted(module.variants, key=len, reverse=True):
@@ -85,7 +129,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
       raise errors.CorruptModuleError(
           f"{module.path} (tags {sorted(tags)}): expected variables with a "
           f"valid dtype and shape, found {type(e).__name__}: "
-          f"{_first_line(e)}") from None
+          f"{errors.first_line(e)}") from None
     for name, spec in graph_variables.items():
       if name not in in_graph:
         in_graph[name] = spec
@@ -99,7 +143,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
   except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{module.checkpoint_prefix}: expected a readable checkpoint, found "
-        f"{type(e).__name__}: {_first_line(e)}") from None
+        f"{type(e).__name__}: {errors.first_line(e)}") from None
   missing = [n for n in order if n not in shapes]
   if missing:
     raise errors.CorruptModuleError(
@@ -124,7 +168,7 @@ def _create_variables(module: legacy_format.LegacyModule) -> dict[str, tf.Variab
     except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
       raise errors.CorruptModuleError(
           f"{module.checkpoint_prefix}: expected a value for variable '{name}', "
-          f"found {type(e).__name__}: {_first_line(e)}") from None
+          f"found {type(e).__name__}: {errors.first_line(e)}") from None
     variables[name] = tf.Variable(value, dtype=dtype, name=name,
                                   trainable=name in trainable)
   return variables
@@ -144,18 +188,45 @@ def _assets(module: legacy_format.LegacyModule) -> dict[str, tf.saved_model.Asse
   return result
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:300] if text else type(error).__name__
+_GRADIENT_NAMES = itertools.count()
 
 
-def _ref_name(ref: str) -> str:
-  """Node name of an input reference ('^a', 'a:1', 'a')."""
-  return ref.lstrip("^").split(":")[0]
+def _unused_gradient_name() -> str:
+  while True:
+    name = f"MigrateLibraryGradient-{next(_GRADIENT_NAMES)}"
+    try:
+      tf_ops.gradient_registry.lookup(name)
+    except LookupError:
+      return name
 
 
-def _tensor_key(ref: str) -> str:
-  return ref if ":" in ref else ref + ":0"
+def library_gradient(wrapper: tf.Operation) -> Callable:
+  """The gradient of an IdentityN added by `graph_rewrite.repair_gradients`.
+
+  Made from the op alone (its inputs and `LIBRARY_GRADIENT_ATTR`), in the graph
+  it is in, also a copy of a loaded function: the gradient saved with the
+  model reads the forward tensors of the function it was saved from, so a copy
+  (verification inlines the training function to feed its random ops) needs
+  this one. Like what `tf.custom_gradient` registers, it ignores its `op`
+  argument (`tf.saved_model.save` passes None when it saves the gradient) and
+  calls the library gradient function on (arguments..., result gradients...).
+  """
+  attr = wrapper.get_attr(graph_rewrite.LIBRARY_GRADIENT_ATTR)
+  grad_function = wrapper.graph._get_function(attr.name)  # pylint: disable=protected-access
+  if grad_function is None:
+    raise ValueError(f"{wrapper.name}: the graph has no function '{attr.name}'")
+  num_results = attr.attr["num_results"].i
+  results = list(wrapper.inputs[:num_results])
+  arguments = list(wrapper.inputs[num_results:])
+
+  def gradient(unused_op, *grads):
+    dys = [g if g is not None else tf.zeros_like(r)
+           for g, r in zip(grads[:num_results], results)]
+    dxs = grad_function(*arguments, *dys)
+    dxs = list(dxs) if isinstance(dxs, (list, tuple)) else [dxs]
+    return [None] * num_results + dxs
+
+  return gradient
 
 
 class _GraphIndex:
@@ -189,7 +260,7 @@ class _GraphIndex:
         raise errors.CorruptModuleError(
             f"{self.where}: expected a node '{name}' in the graph, found none")
       keep.add(name)
-      todo.extend(n for n in map(_ref_name, node.input)
+      todo.extend(n for n in map(legacy_format.node_name, node.input)
                   if n not in keep and n not in stop)
     sub = tf.compat.v1.GraphDef()
     sub.versions.CopyFrom(self.graph_def.versions)
@@ -202,10 +273,10 @@ class _GraphIndex:
       copy.CopyFrom(node)
       del copy.input[:]
       for ref in node.input:
-        if _ref_name(ref) in stop:
+        if legacy_format.node_name(ref) in stop:
           if ref.startswith("^"):
             continue  # Control edges to fed tensors or variable handles.
-          used.add(_tensor_key(ref))
+          used.add(legacy_format.tensor_name(ref))
         copy.input.append(ref)
       if "_class" in copy.attr:  # Colocation with nodes that may be cut away.
         del copy.attr["_class"]
@@ -215,11 +286,20 @@ class _GraphIndex:
                fetches: Sequence[str], ops: Sequence[str] = ()) -> Callable:
     """A function of `feeds` computing `fetches` and running `ops`."""
     feed_names = [name for name, _ in feeds]
-    asset_nodes = {_ref_name(t) for t in self.asset_paths}
-    stop = {_ref_name(n) for n in feed_names} | self.handles | asset_nodes
-    roots = [_ref_name(t) for t in fetches] + [_ref_name(o) for o in ops]
+    asset_nodes = {legacy_format.node_name(t) for t in self.asset_paths}
+    stop = ({legacy_format.node_name(n) for n in feed_names} | self.handles |
+            asset_nodes)
+    roots = [legacy_format.node_name(r) for r in [*fetches, *ops]]
     sub, used = self._subgraph(roots, stop)
-    missing = sorted({_ref_name(k) for k in used} & self.handles - set(self.variables))
+    # (IdentityN node, the name its gradient is registered under)
+    library_gradients = []
+    for node in sub.node:
+      if graph_rewrite.LIBRARY_GRADIENT_ATTR in node.attr:
+        name = _unused_gradient_name()
+        library_gradients.append((node.name, name))
+        node.attr[graph_rewrite.GRADIENT_OP_TYPE_ATTR].s = name.encode()
+    missing = sorted({legacy_format.node_name(k) for k in used} & self.handles -
+                     set(self.variables))
     if missing:
       raise errors.CorruptModuleError(
           f"{self.where}: the graph reads variable '{missing[0]}', which the "
@@ -229,18 +309,22 @@ class _GraphIndex:
       graph = tf.compat.v1.get_default_graph()
       input_map = {}
       for name, arg in zip(feed_names, args):
-        if _tensor_key(name) in used:
-          input_map[_tensor_key(name)] = arg
+        if legacy_format.tensor_name(name) in used:
+          input_map[legacy_format.tensor_name(name)] = arg
       for key in used:
-        node = _ref_name(key)
+        node = legacy_format.node_name(key)
         if node in self.handles:
           input_map[key] = graph.capture(self.variables[node].handle)
         elif key in self.asset_paths:
           input_map[key] = graph.capture(self.asset_paths[key])
       results = tf.compat.v1.import_graph_def(
           sub, input_map=input_map, name="",
-          return_elements=[_tensor_key(t) for t in fetches] +
-          [_ref_name(o) for o in ops])
+          return_elements=[legacy_format.tensor_name(t) for t in fetches] +
+          [legacy_format.node_name(o) for o in ops] + [w[0] for w in library_gradients])
+      wrappers = results[len(fetches) + len(ops):]
+      for (_, name), wrapper in zip(library_gradients, wrappers):
+        tf.RegisterGradient(name)(library_gradient(wrapper))
+      results = results[:len(fetches) + len(ops)]
       outputs, updates = results[:len(fetches)], results[len(fetches):]
       if updates:
         with tf.control_dependencies(updates):
@@ -252,7 +336,39 @@ class _GraphIndex:
     except (ValueError, TypeError, KeyError, tf.errors.OpError) as e:
       raise errors.CorruptModuleError(
           f"{self.where}: expected an importable graph, found "
-          f"{type(e).__name__}: {_first_line(e)}") from None
+          f"{type(e).__name__}: {errors.first_line(e)}") from None
+
+
+def _not_differentiable(op_type: str) -> bool:
+  """Whether TensorFlow registers `op_type` as having no gradient
+  (`ops.NotDifferentiable`). Ops without any registration (function calls,
+  library functions) count as differentiable: their inputs are followed."""
+  try:
+    return _GRADIENT_REGISTRY.lookup(op_type) is None
+  except LookupError:
+    return False
+
+
+def _gradient_notes(repairs: Sequence[graph_rewrite.GradientRepairs]) -> list[str]:
+  notes = []
+  library = max((len(r.library) for r in repairs), default=0)
+  if library:
+    functions = sorted({f"{f} (gradient {g})" for r in repairs
+                        for f, g in r.functions.items()})
+    notes.append(
+        f"{library} calls of library functions are differentiated by the gradient "
+        f"functions the module's function library registers for them, as in TF1: "
+        f"{', '.join(functions)}.")
+  forward = max((len(r.forward) for r in repairs), default=0)
+  if forward:
+    notes.append(
+        f"{forward} custom gradients were lost before conversion: the module's "
+        f"IdentityN ops name Python gradient functions (tf.custom_gradient, e.g. "
+        f"TF 2.x's tf.nn.swish) that hub.Module's export did not save, so not even "
+        f"hub.Module could differentiate them. The converted model differentiates "
+        f"the forward computation instead (for swish: the same values as its "
+        f"custom gradient).")
+  return notes
 
 
 def _spec(info: legacy_format.TensorSpecInfo) -> tf.TensorSpec:
@@ -329,7 +445,30 @@ def build(module: legacy_format.LegacyModule,
           plan: plan_lib.MigrationPlan) -> BuiltModel:
   """Builds the TF2 object for `plan`; raises `MigrationError` on bad input."""
   notes: list[str] = []
-  variables = _create_variables(module)
+  # Trainable: the module's trainable variables that `__call__`'s training
+  # computation reaches with a gradient (the output dropout, if removed
+  # later, reads no variable). The others (a feature-vector model's
+  # classification head) serve only other signatures: they stay in
+  # `variables`, not trainable, or Keras would warn on every fit step that
+  # they get no gradient (hub.KerasLayer takes `trainable_variables`,
+  # Keras 3's TFSMLayer the trainable variables its endpoints capture, and
+  # the training function reads the head for its update ops, e.g. the
+  # weights' FakeQuant ranges).
+  if plan.has_train_graph:
+    call_output = module.train.signatures[plan.signature].outputs[
+        plan.output_key].tensor_name
+    used = _variables_with_gradient(module.train.graph_def, call_output)
+  else:
+    used = _variables_with_gradient(module.inference.graph_def, plan.output_tensor)
+  module_trainable = _module_trainable(module)
+  variables = _create_variables(module, module_trainable & used)
+  left_out = [n for n in variables if n in module_trainable and n not in used]
+  if left_out:
+    notes.append(
+        f"{len(left_out)} trainable variables of the module are not trainable "
+        f"here (not in trainable_variables), because __call__'s training "
+        f"computation does not use them (only other signatures do; they stay "
+        f"in variables and keep serving those): {', '.join(left_out)}.")
   rewritten = 0
   indexes: dict[frozenset, _GraphIndex] = {}
   graph_defs = {}
@@ -345,6 +484,12 @@ def build(module: legacy_format.LegacyModule,
   if rewritten:
     notes.append(f"{rewritten} reference variables (VariableV2) were rewritten "
                  f"to resource variables, their update ops included.")
+  repairs = {}
+  for tags in list(graph_defs):
+    graph_defs[tags], repairs[tags] = graph_rewrite.repair_gradients(
+        graph_defs[tags], graph_rewrite.has_gradient,
+        f"{module.path} (tags {sorted(tags)})")
+  notes.extend(_gradient_notes(repairs.values()))
 
   # The train graph: the chosen output, maybe without its output dropout.
   removed = kept = None
@@ -463,6 +608,11 @@ def build(module: legacy_format.LegacyModule,
     for subset in subsets:
       call.get_concrete_function(images_spec, training,
                                  **{n: hparam_specs[n] for n in subset})
+  # Keras 3 endpoints: one image tensor in, the `__call__` output out.
+  setattr(root, SERVE_ENDPOINT, tf.function(
+      lambda images: call(images), input_signature=[images_spec]))
+  setattr(root, TRAINING_ENDPOINT, tf.function(
+      lambda images: call(images, training=True), input_signature=[images_spec]))
   root.metadata = _metadata(plan, module, notes, removed, train_output)
 
   signatures = _serving_signatures(module, plan, run_inference)

@@ -3,20 +3,24 @@
     migrate-hub-module SRC DST [--signature=] [--output_key=] [--overwrite]
                        [--keep_output_dropout] [--noverify] [--keep_failed]
                        [--report=FILE.json] [--allow_unsafe_ops]
+    migrate-hub-module SRC DST.keras [...]   (a native Keras 3 model)
     migrate-hub-module verify OLD NEW [--report=FILE.json]
     migrate-hub-module batch SRC_ROOT DST_ROOT [--manifest=FILE.csv] [--jobs=N]
                        [--timeout=SECONDS] [--report=FILE.json,FILE.csv]
+                       [--format=savedmodel|keras]
 
 Exit codes (see migrate/errors.py): 0 ok, 1 internal error, 2 usage,
 3 input not found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt
 module, 7 output problem, 8 unsafe ops, 9 parity failure, 10 batch with
-failures, 11 TensorFlow crashed on the module, 12 timeout.
+failures, 11 TensorFlow crashed on the module, 12 timeout, 13 out of memory,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -28,7 +32,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from migrate.errors import ExitCode, MigrationError
+from migrate.errors import ExitCode, MigrationError, first_line, printable
 
 PROG = "migrate-hub-module"
 
@@ -56,7 +60,14 @@ _ALLOW_UNSAFE_OPS = flags.DEFINE_bool(
     "reach the file system, the network or the Python process.")
 _TIMEOUT = flags.DEFINE_float(
     "timeout", None, "Stop the work on a module after this many seconds "
-    "(batch: per module).", lower_bound=1)
+    "(batch: per module). Default: 600 s plus 6 s per MiB of the module; 0: "
+    "no limit.", lower_bound=0)
+_MEMORY_LIMIT = flags.DEFINE_float(
+    "memory_limit", None, "GiB of memory (data segment) each TensorFlow "
+    "process may use; beyond it the module fails with exit code 13. Default: "
+    "3/4 of the machine's memory shared by the processes that run at once "
+    "(2 per conversion, 1 per batch worker), at least 2 GiB; 0: no limit.",
+    lower_bound=0)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an internal error, print "
                              "the traceback.")
 # Batch-only flags (migrate-hub-module batch).
@@ -68,14 +79,80 @@ _MANIFEST = flags.DEFINE_string(
 _JOBS = flags.DEFINE_integer(
     "jobs", None, "batch: modules converted at a time, each in its own worker "
     "process (default: the number of cores).", lower_bound=1)
+# The native Keras 3 output (migrate/keras_*.py): a DST ending in .keras.
+_FORMAT = flags.DEFINE_enum(
+    "format", None, ["savedmodel", "keras"], "Output format: a TF2 "
+    "SavedModel directory, or a native Keras 3 model file (.keras, built-in "
+    "layers only; verified on every installed Keras backend). Default: keras "
+    "for a DST ending in .keras, else savedmodel; batch: savedmodel, keras "
+    "writes DST_ROOT/<module>.keras.")
 _BEAM_ARGS = flags.DEFINE_string(
     "beam_args", None, "batch: run the batch as an Apache Beam pipeline with "
     "these pipeline options, e.g. '--runner=DirectRunner "
     "--direct_num_workers=2' (needs the [beam] extra).")
 
 
+_MAX_ERROR_CHARS = 4000  # A module can make a message long (names it quotes).
+
+
 def _print_error(message: str) -> None:
-  print(f"{PROG}: error: {message}", file=sys.stderr)
+  message = printable(message)
+  if len(message) > _MAX_ERROR_CHARS:
+    message = message[:_MAX_ERROR_CHARS - 3] + "..."
+  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _print_out(text: str) -> None:
+  """Prints `text` on stdout, each line escaped (it quotes module text)."""
+  print("\n".join(printable(line) for line in text.split("\n")), flush=True)
+
+
+class _Terminated(BaseException):
+  """Raised in the main thread by SIGTERM, like KeyboardInterrupt by SIGINT."""
+
+
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:  # pylint: disable=unused-argument
+  """The first SIGINT/SIGTERM stops the work; later ones are ignored, so the
+  cleanup and its one line are not cut short."""
+  if _SIGNALLED:
+    return
+  _SIGNALLED.append(signum)
+  if signum == signal.SIGINT:
+    raise KeyboardInterrupt
+  raise _Terminated
+
+
+def _install_signal_handlers() -> None:
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, _on_signal)
+
+
+def _interruption(signalled: BaseException, what: str) -> MigrationError:
+  """The error for an interruption of the work on `what`, without the ending."""
+  from migrate import errors  # pylint: disable=g-import-not-at-top
+  if isinstance(signalled, _Terminated):
+    return errors.TerminatedBySignal(f"{what}: terminated (SIGTERM)")
+  return errors.InterruptedByUser(f"{what}: interrupted (Ctrl-C)")
+
+
+def _memory_limit(processes: int) -> Optional[int]:
+  from migrate import isolation  # pylint: disable=g-import-not-at-top
+  if _MEMORY_LIMIT.value is None:
+    return isolation.default_memory_limit(processes)
+  return int(_MEMORY_LIMIT.value * 2**30) or None
+
+
+def _timeout_for(src: str) -> Optional[float]:
+  """--timeout, or the default for a module of this size (None: no limit)."""
+  from migrate import fileutil  # pylint: disable=g-import-not-at-top
+  from migrate import preflight
+  if _TIMEOUT.value is not None:
+    return _TIMEOUT.value or None
+  return preflight.default_timeout(
+      sum(f.size for f in fileutil.source_files(src)))
 
 
 def _shape(shape) -> str:
@@ -102,22 +179,28 @@ def _print_conversion(r: dict) -> None:
                              else "UNVERIFIED (--noverify)"),
   ]
   lines += [f"  note           {note}" for note in r["notes"]]
-  print("\n".join(lines))
+  _print_out("\n".join(lines))
+
+
+def _check_reports_outside(*inputs: str) -> None:
+  """Refuses a --report file inside an input (by inode): SRC is never written."""
+  from migrate import errors  # pylint: disable=g-import-not-at-top
+  from migrate import staging
+  for path in (_REPORT.value or "").split(","):
+    if not path.strip():
+      continue
+    target = os.path.dirname(os.path.realpath(path.strip()))
+    for given in inputs:
+      if os.path.isdir(given) and staging.is_within(target, given):
+        raise errors.OutputError(
+            f"{path.strip()}: expected a report path outside the input {given}, "
+            f"found it inside (the input is never modified)")
 
 
 def _write_report(report_json: str) -> None:
   if _REPORT.value and report_json:
     with open(_REPORT.value, "w", encoding="utf-8") as f:
       f.write(report_json)
-
-
-def _identity(path: str):
-  """(device, inode) of `path`, or None if it does not exist."""
-  try:
-    st = os.stat(path)
-  except OSError:
-    return None
-  return (st.st_dev, st.st_ino)
 
 
 def _reference_prestart(src: str) -> tuple[str, ...]:
@@ -128,66 +211,87 @@ def _reference_prestart(src: str) -> tuple[str, ...]:
   return ("migrate.verify",) if preflight.reference_child_pays(prefix) else ()
 
 
+def _check_format(dst: str) -> None:
+  """--format must agree with DST's name (a .keras file or a directory)."""
+  from migrate import keras_format  # pylint: disable=g-import-not-at-top
+  keras = keras_format.is_keras_path(dst)
+  if _FORMAT.value == "keras" and not keras:
+    raise _UsageError(f"--format=keras writes a .keras file: DST must end in "
+                      f".keras, found {dst}")
+  if _FORMAT.value == "savedmodel" and keras:
+    raise _UsageError(f"--format=savedmodel writes a directory: DST may not "
+                      f"end in .keras, found {dst}")
+
+
 def _convert(src: str, dst: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
   from migrate import preflight
+  from migrate import staging
+  _check_format(dst)
   # What the file system alone shows is wrong is said at once, before a
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
   preflight.check_destination(src, dst, overwrite=_OVERWRITE.value)
-  before = _identity(dst)
+  _check_reports_outside(src)
+  before = staging.path_identity(dst)
   try:
-    result = isolation.run_isolated(
-        "migrate.convert:convert_to_dict", src, dst, what=src,
-        timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
-        prestart=_reference_prestart(src) if _VERIFY.value else (),
-        signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
-        overwrite=_OVERWRITE.value,
-        keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
-        verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
-        allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
-  except errors.ParityError as e:
-    if e.table:
-      print(e.table)
-    _write_report(e.report_json)
-    raise
-  except errors.WorkerCrashedError as e:
-    # The worker renames the finished model into place, then sends its
-    # summary: dying between the two leaves DST complete (and verified,
-    # unless --noverify). Say so instead of "nothing was written".
-    after = _identity(dst)
-    if after is not None and after != before:
-      raise errors.WorkerCrashedError(
-          str(e).replace(isolation.NOTHING_WRITTEN, "") +
-          f"; it had already moved the finished model into place at {dst} "
-          f"(complete{', verified' if _VERIFY.value else ''}); only its "
-          f"summary was lost") from None
-    raise
-  if result["parity"]:
-    print(result["parity"]["table"])
-    _write_report(result["parity"]["json"])
-  _print_conversion(result)
+    try:
+      result = isolation.run_isolated(
+          "migrate.convert:convert_to_dict", src, dst, what=src,
+          timeout=_timeout_for(src), quiet=not _VERBOSE.value,
+          memory_limit=_memory_limit(2),  # The worker and its reference child.
+          prestart=_reference_prestart(src) if _VERIFY.value else (),
+          signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
+          overwrite=_OVERWRITE.value,
+          keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value,
+          verify=_VERIFY.value, keep_failed=_KEEP_FAILED.value,
+          allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
+    except errors.ParityError as e:
+      if e.table:
+        _print_out(e.table)
+      _write_report(e.report_json)
+      raise
+    except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
+            errors.ResourceLimitError) as e:
+      # The worker renames the finished model into place, then sends its
+      # summary: dying between the two leaves DST complete.
+      raise staging.settled(e, dst, before, verified=_VERIFY.value) from None
+    if result["parity"]:
+      _print_out(result["parity"]["table"])
+      _write_report(result["parity"]["json"])
+    _print_conversion(result)
+  except (KeyboardInterrupt, _Terminated) as e:
+    raise staging.settled(_interruption(e, src), dst, before,
+                          verified=_VERIFY.value) from None
   return ExitCode.OK
 
 
 def _verify(old: str, new: str) -> int:
   from migrate import errors  # pylint: disable=g-import-not-at-top
   from migrate import isolation
+  from migrate import keras_format
   from migrate import preflight
   preflight.check_source(old)
-  preflight.check_converted(new)
-  report = isolation.run_isolated(
-      "migrate.convert:verify_to_dict", old, new, what=old,
-      timeout=_TIMEOUT.value, quiet=not _VERBOSE.value,
-      prestart=_reference_prestart(old),
-      allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
-  print(report["table"])
+  if keras_format.is_keras_path(new):
+    keras_format.check_converted(new)
+  else:
+    preflight.check_converted(new)
+  _check_reports_outside(old, new)
+  try:
+    report = isolation.run_isolated(
+        "migrate.convert:verify_to_dict", old, new, what=old,
+        timeout=_timeout_for(old), quiet=not _VERBOSE.value,
+        memory_limit=_memory_limit(2), prestart=_reference_prestart(old),
+        allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value)
+  except (KeyboardInterrupt, _Terminated) as e:
+    raise _interruption(e, old) from None
+  _print_out(report["table"])
   _write_report(report["json"])
   if not report["passed"]:
     raise errors.ParityError(f"{new}: parity with {old} fails: "
                              f"{report['first_failure']}")
-  print(f"verified {new} against {old}: {report['summary']}")
+  _print_out(f"verified {new} against {old}: {report['summary']}")
   return ExitCode.OK
 
 
@@ -197,6 +301,7 @@ def _batch(src_root: str, dst_root: str) -> int:
   import time
   from migrate import batch
   from migrate import errors
+  _check_reports_outside(src_root)
   if _MANIFEST.value:
     sources = batch.read_manifest(_MANIFEST.value, src_root, dst_root)
   else:
@@ -209,7 +314,7 @@ def _batch(src_root: str, dst_root: str) -> int:
       signature=_SIGNATURE.value, output_key=_OUTPUT_KEY.value,
       keep_output_dropout=_KEEP_OUTPUT_DROPOUT.value, verify=_VERIFY.value,
       keep_failed=_KEEP_FAILED.value, allow_unsafe_ops=_ALLOW_UNSAFE_OPS.value,
-      overwrite=_OVERWRITE.value)
+      overwrite=_OVERWRITE.value, output_format=_FORMAT.value or "savedmodel")
 
   # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
   tty = sys.stderr.isatty()
@@ -234,7 +339,8 @@ def _batch(src_root: str, dst_root: str) -> int:
                    smoothing=0.1)
     if p.event == "finished" and p.outcome is not None:
       if p.outcome.failed:
-        say(f"FAILED {p.module}: [{p.outcome.exit_code}] {p.outcome.error}")
+        say(printable(f"FAILED {p.module}: [{p.outcome.exit_code}] "
+                      f"{p.outcome.error}"))
       if bar is not None and not p.outcome.status.startswith("skipped"):
         bar.update(1)
     if bar is not None:
@@ -260,21 +366,23 @@ def _batch(src_root: str, dst_root: str) -> int:
                             pipeline_args=shlex.split(_BEAM_ARGS.value) or None)
   else:
     run = functools.partial(batch.run_batch, jobs=jobs, on_progress=on_progress,
-                            quiet=not _VERBOSE.value)
+                            quiet=not _VERBOSE.value,
+                            memory_limit=_memory_limit(jobs))
   try:
     report = run(sources, dst_root, timeout=_TIMEOUT.value, options=options)
-  except KeyboardInterrupt:
+  except (KeyboardInterrupt, _Terminated) as e:
     if bar is not None:
       bar.close()
       bar = None
-    _print_error(f"interrupted; finished modules are recorded in "
-                 f"{os.path.join(dst_root, batch.STATE_FILENAME)}, no partial "
-                 f"output was left: rerun to complete")
-    return 130
+    error = _interruption(e, dst_root)
+    raise type(error)(
+        f"{error}; finished modules are recorded in "
+        f"{os.path.join(dst_root, batch.STATE_FILENAME)}, the interrupted ones "
+        f"left nothing: rerun to complete") from None
   finally:
     if bar is not None:
       bar.close()
-  print(report.format_table())
+  _print_out(report.format_table())
   for path in (_REPORT.value or "").split(","):
     if path.strip():
       report.write(path.strip())
@@ -308,15 +416,15 @@ def main(argv: Sequence[str]) -> int:
     if _VERBOSE.value and getattr(e, "traceback_text", ""):
       print(e.traceback_text, file=sys.stderr)
     return e.exit_code
-  except KeyboardInterrupt:
-    _print_error("interrupted; nothing was written")
-    return 130
+  except (KeyboardInterrupt, _Terminated) as e:  # Before any work began.
+    error = _interruption(e, PROG)
+    _print_error(f"{error}; nothing was written")
+    return error.exit_code
   except Exception as e:  # pylint: disable=broad-except
     if _VERBOSE.value:
       raise
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    _print_error(f"internal error ({type(e).__name__}: {text[:300]}); this is a "
-                 f"bug in {PROG}: rerun with --verbose and report it")
+    _print_error(f"internal error ({type(e).__name__}: {first_line(e)}); this "
+                 f"is a bug in {PROG}: rerun with --verbose and report it")
     return ExitCode.INTERNAL
 
 
@@ -330,6 +438,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run() -> None:
   """Console-script entry point."""
+  _install_signal_handlers()
   logging.set_verbosity(logging.ERROR)
   app.run(main, flags_parser=_parse_flags)
 

@@ -84,13 +84,19 @@ def compare(name: str, actual: Any, expected: Any,
     diff = np.where(finite, np.abs(a64 - e64), 0.0)
     same_inf = np.isinf(a64) & (a64 == e64)
     diff = np.where(same_inf, 0.0, diff)
+    # An infinity on either side passes only against the same infinity
+    # (its bound, rtol * inf, would let anything pass).
+    other_inf = finite & (np.isinf(a64) | np.isinf(e64)) & ~same_inf
+    diff = np.where(other_inf, np.inf, diff)
     rel = np.where(finite, diff / np.maximum(np.abs(e64), 1e-30), 0.0)
+    rel = np.where(other_inf, np.inf, rel)
     bound = tol.atol * scale + tol.rtol * np.abs(e64)
+    excess = np.where(other_inf, np.inf, diff - bound)
   result.max_abs_err = float(diff.max())
   result.max_rel_err = float(rel.max())
-  bad = finite & (diff > bound)
+  bad = finite & ((diff > bound) | other_inf)
   if bad.any():
-    worst = np.unravel_index(int(np.argmax(np.where(bad, diff - bound, -1.0))),
+    worst = np.unravel_index(int(np.argmax(np.where(bad, excess, -1.0))),
                              a.shape)
     problems.append(
         f"{int(bad.sum())} of {a.size} values out of tolerance; worst at "

@@ -2,26 +2,33 @@
 
     result = convert("old_module/", "new_savedmodel/")
 
-chains the stages READ (legacy_format) -> SCAN (safety) -> PLAN (plan) ->
+chains the stages READ (legacy_format) -> PLAN (plan) -> SCAN (safety) ->
 REWRITE/BUILD (graph_rewrite, build) -> EXPORT (export, into a temporary
-directory) -> VERIFY (verify) -> commit (rename into place).
+directory beside DST, whose parent is held open: staging) -> SCAN of what was
+written -> VERIFY (verify) -> commit (rename into place).
+
+Errors TensorFlow raises for a module it cannot run (an op it refuses, an
+allocation that fails) are mapped here, at the boundary, to documented exit
+codes (`_tensorflow_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from migrate import build as build_lib
 from migrate import errors
 from migrate import export
 from migrate import fileutil
+from migrate import keras_format
 from migrate import legacy_format
 from migrate import plan as plan_lib
 from migrate import preflight
 from migrate import safety
+from migrate import staging
 
 FAILED_SUFFIX = ".failed-parity"
 
@@ -78,12 +85,15 @@ def convert(src: str, dst: str, *,
             verify: bool = True,
             keep_failed: bool = False,
             allow_unsafe_ops: bool = False,
-            parallel_verify: Optional[bool] = None) -> ConversionResult:
-  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`.
+            parallel_verify: Optional[bool] = None,
+            keras_backends: Optional[Sequence[str]] = None) -> ConversionResult:
+  """Converts the TF1 Hub module at `src` into a TF2 SavedModel at `dst`
+  (a native Keras 3 model if `dst` ends in `.keras`: `keras_convert`).
 
   `parallel_verify` runs the TF1 side of verification in a child process
   during the conversion (None: for modules big enough to gain from it; see
-  `verify.start_reference`).
+  `verify.start_reference`). `keras_backends` picks the Keras backends a
+  `.keras` output is verified on (default: every one installed).
 
   Raises a `migrate.errors.MigrationError` subclass for anything the user can
   fix; then nothing is left at `dst` (with `keep_failed`, a model that fails
@@ -100,10 +110,29 @@ def convert(src: str, dst: str, *,
 
   module = legacy_format.read_module(src)
   preflight.check_destination(src, dst, overwrite=overwrite)
-  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   plan = plan_lib.make_plan(module, signature=signature, output_key=output_key,
                             remove_output_dropout=not keep_output_dropout)
+  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
   lap("read")
+  with staging.Destination(dst, src=src) as destination, _tensorflow_errors(src):
+    if keras_format.is_keras_path(dst):  # The native Keras 3 output.
+      from migrate import keras_convert  # pylint: disable=g-import-not-at-top
+      return keras_convert.convert_planned(
+          module, plan, src, destination, seconds, lap, overwrite=overwrite,
+          verify=verify, keep_failed=keep_failed,
+          parallel_verify=parallel_verify, backends=keras_backends)
+    return _convert(module, plan, src, destination, seconds, lap,
+                    overwrite=overwrite, verify=verify, keep_failed=keep_failed,
+                    allow_unsafe_ops=allow_unsafe_ops,
+                    parallel_verify=parallel_verify)
+
+
+def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
+             src: str, destination: staging.Destination,
+             seconds: dict[str, float], lap, *, overwrite: bool, verify: bool,
+             keep_failed: bool, allow_unsafe_ops: bool,
+             parallel_verify: Optional[bool]) -> ConversionResult:
+  dst = destination.dst
   reference = None
   if verify:
     # The TF1 side of the parity checks needs only the module: it runs in a
@@ -115,7 +144,7 @@ def convert(src: str, dst: str, *,
   try:
     built = build_lib.build(module, plan)
     lap("build")
-    staged = export.stage(built, dst)
+    staged = export.stage(built, destination)
     lap("export")
   except BaseException:
     if reference is not None:
@@ -124,8 +153,15 @@ def convert(src: str, dst: str, *,
   try:
     report = None
     kept = None
+    # What was written is scanned as any model is before it is loaded
+    # (verification loads it): an unsafe op must not slip through BUILD.
+    safety.check_saved_model(staged.path, allow_unsafe_ops=allow_unsafe_ops,
+                             shown=f"{dst} (as written)")
     if verify:
-      report = verify_lib.verify(src, staged.path, reference=reference)
+      with _verification_errors(f"{src}: expected a module whose graphs run "
+                                f"on the inputs its signatures declare"):
+        report = verify_lib.verify(src, staged.path, reference=reference,
+                                   module=module)
       report.new_path = dst  # It was checked in place of DST, before the rename.
       lap("verify")
       if not report.passed:
@@ -158,17 +194,96 @@ def convert(src: str, dst: str, *,
       num_trainable_variables=len(root.trainable_variables),
       num_regularization_losses=len(root.regularization_losses),
       has_train_graph=plan.has_train_graph, notes=list(built.notes),
-      input_bytes=fileutil.directory_size(src), output_bytes=output_bytes,
+      input_bytes=module.source_bytes, output_bytes=output_bytes,
       seconds=seconds, parity=report, kept_aside=kept)
 
 
 def verify_existing(old: str, new: str, *, allow_unsafe_ops: bool = False):
-  """Verifies an existing pair (made earlier or by other means) -> ParityReport."""
+  """Verifies an existing pair (made earlier or by other means) -> ParityReport.
+
+  Both are scanned before anything loads them: OLD as a module, NEW (which
+  may come from anywhere) as a SavedModel.
+  """
   from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
-  safety.check_module(legacy_format.read_module(old),
-                      allow_unsafe_ops=allow_unsafe_ops)
+  module = legacy_format.read_module(old)
+  safety.check_module(module, allow_unsafe_ops=allow_unsafe_ops)
+  if keras_format.is_keras_path(new):  # A native Keras 3 model.
+    from migrate import keras_verify  # pylint: disable=g-import-not-at-top
+    with _tensorflow_errors(old):
+      return keras_verify.verify_existing(old, new)
   preflight.check_converted(new)
-  return verify_lib.verify(old, new)
+  safety.check_saved_model(new, allow_unsafe_ops=allow_unsafe_ops)
+  _check_made_by_this_tool(new)
+  with _tensorflow_errors(old), _verification_errors(
+      f"{new}: expected a converted SavedModel (a Reusable SavedModel with "
+      f"__call__, variables and the serving signatures of {old})",
+      errors.NotAHubModuleError):
+    return verify_lib.verify(old, new, module=module)
+
+
+# What the root object of every model this tool writes holds (build.py).
+_ROOT_CHILDREN = ("__call__", "metadata", "variables", "trainable_variables")
+
+
+def _check_made_by_this_tool(new: str) -> None:
+  """Refuses a SavedModel whose root object lacks what `build` gives it (a
+  plain TF2 SavedModel, made by other means): its checks would not apply."""
+  saved_model = legacy_format.parse_saved_model(new)
+  graphs = [mg for mg in saved_model.meta_graphs
+            if mg.HasField("object_graph_def") and mg.object_graph_def.nodes]
+  children = ({c.local_name for c in graphs[0].object_graph_def.nodes[0].children}
+              if graphs else set())
+  missing = [c for c in _ROOT_CHILDREN if c not in children]
+  if missing:
+    raise errors.NotAHubModuleError(
+        f"{new}: expected a SavedModel converted by migrate-hub-module (a root "
+        f"object with {', '.join(_ROOT_CHILDREN)}), found a SavedModel "
+        f"without {', '.join(missing)} (made by other means?)")
+
+
+@contextlib.contextmanager
+def _verification_errors(expected: str,
+                         error_type: type = errors.CorruptModuleError
+                         ) -> Iterator[None]:
+  """Verification feeds the model the inputs its signatures declare and calls
+  what it exposes; a model or module that does not fit (a fixed batch size,
+  a NEW without `variables`) surfaces there as a Python error, mapped here
+  to `error_type` with the line `expected`, found <error>."""
+  try:
+    yield
+  except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+    raise error_type(f"{expected}, found {type(e).__name__}: "
+                     f"{errors.first_line(e)}; nothing was written") from None
+
+
+@contextlib.contextmanager
+def _tensorflow_errors(src: str) -> Iterator[None]:
+  """Maps what TensorFlow raises on a module it cannot run to documented codes.
+
+  The stages map what they expect; this catches the rest at the boundary:
+  out of memory (TensorFlow's ResourceExhausted, Python's MemoryError: the
+  worker's memory limit) -> ResourceLimitError; an op TensorFlow does not
+  implement -> UnsupportedModuleError; any other error of a TensorFlow op
+  (invalid arguments, shapes, a graph it refuses) -> CorruptModuleError.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except errors.MigrationError:
+    raise
+  except (MemoryError, tf.errors.ResourceExhaustedError) as e:
+    raise errors.ResourceLimitError(
+        f"{src}: expected the module to fit in memory, found TensorFlow out of "
+        f"memory ({type(e).__name__}: {errors.first_line(e)}); nothing was written"
+    ) from None
+  except tf.errors.UnimplementedError as e:
+    raise errors.UnsupportedModuleError(
+        f"{src}: expected ops TensorFlow can run on this machine, found "
+        f"{type(e).__name__}: {errors.first_line(e)}; nothing was written") from None
+  except tf.errors.OpError as e:
+    raise errors.CorruptModuleError(
+        f"{src}: expected a graph TensorFlow can run, found "
+        f"{type(e).__name__}: {errors.first_line(e)}; nothing was written") from None
 
 
 def convert_to_dict(src: str, dst: str, **options) -> dict:

@@ -3,98 +3,37 @@
 The model is saved into a temporary directory beside DST (same file system),
 checked, then renamed into place: DST is either absent, the old content, or
 the complete new model, never a partial one, even if the process is killed.
-Temporary directories carry the owning process id; the next run removes the
-ones whose process is gone.
+The file-system side (DST's parent held open, the staging directory, the
+rename, cleaning up after killed runs) is `migrate/staging.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
-import re
-import shutil
-import tempfile
-from typing import Optional
+from typing import Optional, Union
 
 import tensorflow as tf
 
 from migrate import build as build_lib
 from migrate import errors
 from migrate import fileutil
+from migrate import staging
 
-MODEL_CARD_FILENAME = "MODEL_CARD.md"
-_TMP_MARK = ".migrate-tmp-"
-# The TF1-style saver functions (_traced_save/_traced_restore) are only used
-# by tf.compat.v1 loaders; TF2 loading (hub.load, tf.saved_model.load,
-# hub.KerasLayer) restores through the object graph. Skipping them keeps the
-# output no larger than the input.
-_SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False,
-                                           experimental_skip_saver=True)
-_OLD_MARK = ".migrate-old-"
-
-
-def _stale_pattern(dst: str) -> re.Pattern:
-  base = re.escape(os.path.basename(dst))
-  return re.compile(rf"^\.{base}({re.escape(_TMP_MARK)}|{re.escape(_OLD_MARK)})(\d+)-")
+MODEL_CARD_FILENAME = staging.MODEL_CARD_FILENAME
+# With the saver (the MetaGraph's `saver_def` and its save/restore
+# functions), every loader restores the variables: the TF2 object-graph
+# loaders, the TF1 loader in a Session (`saved_model_cli run`), the C++
+# `LoadSavedModel` (TensorFlow Serving) and the TFLite converter. Without it
+# (`experimental_skip_saver=True`) the last three run with uninitialized
+# variables. It costs about 1.7 KB per variable (README, Performance).
+_SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
+StagedOutput = staging.StagedOutput
 
 
 def clean_stale_temporaries(dst: str) -> list[str]:
-  """Removes temporary directories left for DST by killed runs."""
-  parent = os.path.dirname(os.path.abspath(dst))
-  pattern = _stale_pattern(os.path.abspath(dst))
-  removed = []
-  try:
-    names = os.listdir(parent)
-  except OSError:
-    return removed
-  for name in names:
-    match = pattern.match(name)
-    if match and not fileutil.pid_alive(int(match.group(2))):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-      removed.append(name)
-  return removed
-
-
-@dataclasses.dataclass
-class StagedOutput:
-  """A complete SavedModel in a temporary directory, not yet at DST."""
-
-  dst: str
-  path: str  # The temporary directory holding the SavedModel.
-
-  def write_model_card(self, text: str) -> None:
-    with open(os.path.join(self.path, MODEL_CARD_FILENAME), "w",
-              encoding="utf-8") as f:
-      f.write(text)
-
-  def commit(self, *, overwrite: bool) -> None:
-    """Moves the model into place (replacing DST only if `overwrite`)."""
-    dst = os.path.abspath(self.dst)
-    old = None
-    if os.path.lexists(dst):
-      if not overwrite:
-        self.discard()
-        raise errors.OutputError(
-            f"{self.dst}: expected a new output path, found one created "
-            f"meanwhile (pass --overwrite to replace it)")
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}{_OLD_MARK}{os.getpid()}-",
-                             dir=os.path.dirname(dst))
-      os.rename(dst, os.path.join(old, "previous"))
-    os.rename(self.path, dst)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-
-  def keep_aside(self, suffix: str) -> str:
-    """Moves the model to `<DST><suffix>` for inspection; returns that path."""
-    target = os.path.abspath(self.dst) + suffix
-    if os.path.lexists(target):
-      shutil.rmtree(target, ignore_errors=True)
-    os.rename(self.path, target)
-    return target
-
-  def discard(self) -> None:
-    shutil.rmtree(self.path, ignore_errors=True)
+  """Removes temporary directories (or files) left for DST by killed runs."""
+  return staging.clean_stale(dst)
 
 
 def _io_error(dst: str, error: BaseException) -> errors.OutputError:
@@ -104,26 +43,26 @@ def _io_error(dst: str, error: BaseException) -> errors.OutputError:
     return errors.OutputError(
         f"{dst}: expected room to write the model, found the disk full (No "
         f"space left on device); nothing was written")
-  first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
   return errors.OutputError(
       f"{dst}: expected to write the model, found {type(error).__name__}: "
-      f"{first}; nothing was written")
+      f"{errors.first_line(error)}; nothing was written")
 
 
-def stage(built: build_lib.BuiltModel, dst: str) -> StagedOutput:
+def stage(built: build_lib.BuiltModel,
+          dst: Union[str, staging.Destination]) -> StagedOutput:
   """Saves `built` into a fresh temporary directory beside `dst`."""
-  clean_stale_temporaries(dst)
-  dst_abs = os.path.abspath(dst)
+  destination = dst if isinstance(dst, staging.Destination) else staging.Destination(dst)
+  dst = destination.dst
   try:
-    tmp = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(dst_abs)}{_TMP_MARK}{os.getpid()}-",
-        dir=os.path.dirname(dst_abs))
+    staged = destination.stage()
   except OSError as e:
     raise _io_error(dst, e) from None
-  staged = StagedOutput(dst=dst, path=tmp)
   try:
+    # mkdtemp makes it 0700; the model gets the mode a directory made by
+    # tf.saved_model.save (or mkdir) would: readable by others under umask 022.
+    os.chmod(staged.path, 0o777 & ~fileutil.current_umask())
     tf.saved_model.save(
-        built.root, tmp, signatures=dict(built.signatures),
+        built.root, staged.path, signatures=dict(built.signatures),
         options=_SAVE_OPTIONS)
   except (OSError, tf.errors.OpError) as e:
     staged.discard()
@@ -147,7 +86,7 @@ def model_card(built: build_lib.BuiltModel, src: str, sha256: str,
               if plan.has_train_graph else
               "changes nothing: the module has no train graph")
   lines = [
-      f"# Model card: converted TF1 Hub module",
+      staging.MODEL_CARD_TITLE,
       "",
       f"- Source: `{src}` (saved_model.pb sha256 `{sha256}`)",
       f"- Converted by migrate-hub-module {build_lib.TOOL_VERSION}, TensorFlow {tf.__version__}",

@@ -10,17 +10,29 @@ rewrite is never half-applied.
   that `import_graph_def(input_map=...)` can feed them a shared handle.
 - `bypass_output_dropout`: an output that is computed through dropout in the
   train graph is recomputed from the dropout's input.
+- `repair_gradients`: gradients that a module's graph names but does not hold
+  in a form TF2 can save. A call of a function whose gradient is another
+  library function (`library.gradient`, as TF 1.x's `tf.nn.swish`) gets an
+  `IdentityN` after it marked with `LIBRARY_GRADIENT_ATTR`, for the BUILD
+  stage to give the library gradient to (`migrate.build`); an `IdentityN` made
+  by `tf.custom_gradient` (`_gradient_op_type` "CustomGradient-<n>", whose
+  Python function export never saved) loses the attribute, so that the
+  forward computation it wraps is differentiated instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import re
+from typing import Callable, Optional
 
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
 
 from migrate import errors
+from migrate import legacy_format
 
 REF_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
 RESOURCE_VARIABLE_OPS = frozenset({"VarHandleOp"})
@@ -40,16 +52,11 @@ _PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Reshape",
                                "PreventGradient", "StopGradient"})
 
 
-def _name(ref: str) -> str:
-  """Node name of an input reference ('^a', 'a:1', 'a')."""
-  return ref.lstrip("^").split(":")[0]
-
-
 def _consumers(graph_def: graph_pb2.GraphDef) -> dict[str, list[node_def_pb2.NodeDef]]:
   result: dict[str, list[node_def_pb2.NodeDef]] = {}
   for node in graph_def.node:
     for ref in node.input:
-      result.setdefault(_name(ref), []).append(node)
+      result.setdefault(legacy_format.node_name(ref), []).append(node)
   return result
 
 
@@ -78,12 +85,13 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     if node.op in REF_VARIABLE_OPS:
       continue
     for i, ref in enumerate(node.input):
-      if ref.startswith("^") or _name(ref) not in variables:
+      if ref.startswith("^") or legacy_format.node_name(ref) not in variables:
         continue
       if node.op.startswith(("Scatter", "Apply", "ResourceApply", "CountUpTo")):
         raise errors.UnsupportedModuleError(
             f"node '{node.name}': op {node.op} on the reference variable "
-            f"'{_name(ref)}' cannot be rewritten to a resource variable")
+            f"'{legacy_format.node_name(ref)}' cannot be rewritten to a resource "
+            f"variable")
   dtypes = {}
   read_nodes = []
   update_outputs = {}
@@ -108,20 +116,21 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
       read.attr["dtype"].type = dtype
       read_nodes.append(read.name)
   for node in nodes:
-    if node.op in _REF_TO_RESOURCE_UPDATE and _name(node.input[0]) in variables:
-      var = _name(node.input[0])
+    first = legacy_format.node_name(node.input[0]) if node.input else ""
+    if node.op in _REF_TO_RESOURCE_UPDATE and first in variables:
+      var = first
       node.op = _REF_TO_RESOURCE_UPDATE[node.op]
       for key in list(node.attr):
         if key not in ("_class",):
           del node.attr[key]
       node.attr["dtype"].type = dtypes[var]
       update_outputs[node.name] = var
-    elif node.op == "IsVariableInitialized" and _name(node.input[0]) in variables:
+    elif node.op == "IsVariableInitialized" and first in variables:
       node.op = "VarIsInitializedOp"
       del node.attr["dtype"]
   # Consumers of an updated ref read the variable after the update.
-  consumed = {_name(ref) for node in out.node for ref in node.input
-              if not ref.startswith("^")}
+  consumed = {legacy_format.node_name(ref) for node in out.node
+              for ref in node.input if not ref.startswith("^")}
   for update, var in update_outputs.items():
     if update not in consumed:
       continue
@@ -140,7 +149,7 @@ def to_resource_variables(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     for i, ref in enumerate(node.input):
       if ref.startswith("^"):
         continue
-      src = _name(ref)
+      src = legacy_format.node_name(ref)
       if src in variables:
         node.input[i] = f"{src}/migrate_read"
       elif src in update_outputs:
@@ -187,13 +196,13 @@ def _match_dropout(node, nodes, random_dep) -> Optional[tuple[str, str]]:
     return n.input[0]
 
   if node.op == "SelectV2" and len(node.input) == 3:
-    mask, kept = nodes.get(_name(node.input[0])), nodes.get(_name(node.input[1]))
+    mask, kept = (nodes.get(legacy_format.node_name(r)) for r in node.input[:2])
     if mask is not None and mask.name in random_dep:
       x = data_input(kept, ("Mul",))
       if x is not None:
         return "select_v2", x
   if node.op == "Mul" and len(node.input) == 2:
-    a, b = (nodes.get(_name(r)) for r in node.input)
+    a, b = (nodes.get(legacy_format.node_name(r)) for r in node.input)
     for data, mask in ((a, b), (b, a)):
       if mask is None or mask.name not in random_dep:
         continue
@@ -213,24 +222,24 @@ def find_output_dropout(graph_def: graph_pb2.GraphDef,
   """The dropout that `output_tensor` is computed through last, if any."""
   random_dep = _random_dependent(graph_def)
   nodes = {n.name: n for n in graph_def.node}
-  node = nodes.get(_name(output_tensor))
+  node = nodes.get(legacy_format.node_name(output_tensor))
   path = []
   while node is not None and node.name in random_dep:
     match = _match_dropout(node, nodes, random_dep)
     if match is not None:
-      if _name(match[1]) in random_dep:
+      if legacy_format.node_name(match[1]) in random_dep:
         return None  # Dropout after other random ops: not only output dropout.
       return DropoutMatch(output_node=node.name, input_tensor=match[1],
                           pattern=match[0], pass_through=tuple(reversed(path)))
     if node.op not in _PASS_THROUGH_OPS:
       return None
     path.append(node.name)
-    node = nodes.get(_name(node.input[0]))
+    node = nodes.get(legacy_format.node_name(node.input[0]))
   return None
 
 
 def depends_on_random(graph_def: graph_pb2.GraphDef, tensor: str) -> bool:
-  return _name(tensor) in _random_dependent(graph_def)
+  return legacy_format.node_name(tensor) in _random_dependent(graph_def)
 
 
 def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
@@ -254,3 +263,179 @@ def bypass_output_dropout(graph_def: graph_pb2.GraphDef, output_tensor: str,
     port = output_tensor.split(":")[1] if ":" in output_tensor else "0"
     return out, f"{source.split(':')[0]}:{port}"
   return out, source
+
+
+# -- gradients --------------------------------------------------------------
+
+GRADIENT_OP_TYPE_ATTR = "_gradient_op_type"
+# On an IdentityN added by `repair_gradients`, a function attribute: the library
+# function that computes the gradient of the call feeding it, with attr
+# `num_results` (how many leading inputs are the call's results; the others
+# are its arguments). A function attribute, so that loading a SavedModel renames
+# it along with the function: the op alone says how to differentiate it.
+LIBRARY_GRADIENT_ATTR = "_migrate_library_gradient"
+LIBRARY_FORWARD_SUFFIX = "/migrate_forward"
+# What tf.custom_gradient names the gradient of its IdentityN (custom_gradient.generate_name).
+_CUSTOM_GRADIENT_NAME = re.compile(r"^CustomGradient-\d+$")
+# Ops whose registered gradient is None: a forward computation through them alone has no
+# gradient, so differentiating it cannot stand in for a lost custom gradient.
+_ZERO_GRADIENT_OPS = frozenset({
+    "Round", "Floor", "Ceil", "Rint", "Sign", "ArgMax", "ArgMin", "Equal",
+    "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "Shape",
+    "Size", "Rank", "ZerosLike", "OnesLike", "StopGradient", "PreventGradient"})
+
+
+def has_gradient(op_type: str) -> bool:
+  """Whether this process's TensorFlow registers a (non-None) gradient under this
+  name (an op type, or a `_gradient_op_type`)."""
+  try:
+    return tf_ops.gradient_registry.lookup(op_type) is not None
+  except LookupError:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientRepairs:
+  """What `repair_gradients` changed."""
+
+  library: tuple[str, ...] = ()  # Calls now differentiated by their library gradient.
+  forward: tuple[str, ...] = ()  # IdentityN nodes whose lost custom gradient was dropped.
+  functions: dict = dataclasses.field(default_factory=dict)  # Called function -> gradient.
+
+  def __bool__(self) -> bool:
+    return bool(self.library or self.forward)
+
+
+def _data_inputs(node) -> list[str]:
+  return [r for r in node.input if not r.startswith("^")]
+
+
+def _arg_types(arg, node) -> Optional[list[int]]:
+  """The dtypes of one FunctionDef argument as called by `node` (None: unknown)."""
+  if arg.number_attr or arg.type_list_attr:
+    return None
+  if arg.type != types_pb2.DT_INVALID:
+    return [arg.type]
+  if arg.type_attr and arg.type_attr in node.attr:
+    return [node.attr[arg.type_attr].type]
+  return None
+
+
+def _forward_differentiable(node, nodes, consumers, has_gradient) -> Optional[str]:
+  """None if the custom-gradient IdentityN `node` wraps a differentiable forward
+  computation (some path from its arguments to its results through ops with a
+  gradient); else why not."""
+  results = set()
+  inputs = _data_inputs(node)
+  # tf.custom_gradient's IdentityN takes [results..., arguments..., variables...]
+  # and its consumers use the results' outputs: those come first, the others after.
+  used = {int(r.split(":")[1]) if ":" in r else 0
+          for c in consumers.get(node.name, []) for r in _data_inputs(c)
+          if legacy_format.node_name(r) == node.name}
+  count = max(used) + 1 if used else 1
+  results = {legacy_format.node_name(r) for r in inputs[:count]}
+  arguments = {legacy_format.node_name(r) for r in inputs[count:]}
+  seen, todo = set(arguments), list(arguments)
+  while todo:
+    name = todo.pop()
+    if name in results:
+      return None
+    for consumer in consumers.get(name, []):
+      if consumer.name in seen or consumer.name == node.name:
+        continue
+      if consumer.op in _ZERO_GRADIENT_OPS or not has_gradient(consumer.op):
+        continue
+      seen.add(consumer.name)
+      todo.append(consumer.name)
+  return ("no path from its arguments to its results runs through ops with a "
+          "gradient")
+
+
+def repair_gradients(graph_def: graph_pb2.GraphDef,
+                     has_gradient: Callable[[str], bool],
+                     where: str, *, wrap_library_calls: bool = True
+                     ) -> tuple[graph_pb2.GraphDef, GradientRepairs]:
+  """Makes every gradient the graph names available to a TF2 SavedModel.
+
+  `has_gradient(op_type)` says whether TensorFlow registers a gradient for an
+  op type (or gradient name). Raises `UnsupportedModuleError` naming the node
+  when a gradient is lost and cannot be repaired: an override naming a Python
+  gradient function that is not TensorFlow's, or a lost custom gradient whose
+  forward computation has no gradient either. `wrap_library_calls=False`
+  leaves calls with a library gradient alone (a TF1 Session differentiates
+  them with it: `SymbolicGradient`).
+  """
+  library_gradients = {g.function_name: g.gradient_func for g in graph_def.library.gradient}
+  functions = {f.signature.name: f for f in graph_def.library.function}
+  op_has_gradient = has_gradient
+  has_gradient = lambda op: op in functions or op_has_gradient(op)  # noqa: E731
+  for fdef in graph_def.library.function:
+    for node in fdef.node_def:
+      if GRADIENT_OP_TYPE_ATTR in node.attr:
+        grad = node.attr[GRADIENT_OP_TYPE_ATTR].s.decode(errors="replace")
+        if not _CUSTOM_GRADIENT_NAME.match(grad) and not has_gradient(grad):
+          raise errors.UnsupportedModuleError(
+              f"{where}: node '{node.name}' (op {node.op}) in function "
+              f"'{fdef.signature.name}' has the gradient '{grad}', a Python "
+              f"function the module does not contain; cannot convert")
+  custom, library = [], []
+  nodes = {n.name: n for n in graph_def.node}
+  consumers = _consumers(graph_def)
+  for node in graph_def.node:
+    if GRADIENT_OP_TYPE_ATTR in node.attr:
+      grad = node.attr[GRADIENT_OP_TYPE_ATTR].s.decode(errors="replace")
+      if _CUSTOM_GRADIENT_NAME.match(grad) and node.op == "IdentityN":
+        why = _forward_differentiable(node, nodes, consumers, has_gradient)
+        if why:
+          raise errors.UnsupportedModuleError(
+              f"{where}: node '{node.name}' (op IdentityN) lost its custom "
+              f"gradient '{grad}' (a Python function export does not save) and "
+              f"its forward computation cannot replace it: {why}; cannot convert")
+        custom.append(node.name)
+      elif not has_gradient(grad):
+        raise errors.UnsupportedModuleError(
+            f"{where}: node '{node.name}' (op {node.op}) has the gradient "
+            f"'{grad}', a Python function the module does not contain; cannot "
+            f"convert")
+    elif node.op in library_gradients and wrap_library_calls:
+      library.append(node.name)
+  if not custom and not library:
+    return graph_def, GradientRepairs()
+  out = graph_pb2.GraphDef()
+  out.CopyFrom(graph_def)
+  by_name = {n.name: n for n in out.node}
+  for name in custom:
+    del by_name[name].attr[GRADIENT_OP_TYPE_ATTR]
+  used_functions = {}
+  for name in library:
+    call = by_name[name]
+    fdef = functions[call.op]
+    out_types, in_types = [], []
+    for arg in fdef.signature.output_arg:
+      out_types += _arg_types(arg, call) or [None]
+    for arg in fdef.signature.input_arg:
+      in_types += _arg_types(arg, call) or [None]
+    if None in out_types or None in in_types or len(in_types) != len(_data_inputs(call)):
+      raise errors.UnsupportedModuleError(
+          f"{where}: node '{name}' calls function '{call.op}' whose gradient "
+          f"'{library_gradients[call.op]}' is in the library, but its "
+          f"arguments are not plain tensors; cannot convert")
+    forward = name + LIBRARY_FORWARD_SUFFIX
+    if forward in by_name:
+      raise errors.UnsupportedModuleError(
+          f"{where}: node '{forward}' already exists; cannot add the library "
+          f"gradient of node '{name}'")
+    call.name = forward
+    wrapper = out.node.add()
+    wrapper.name = name
+    wrapper.op = "IdentityN"
+    wrapper.input.extend([f"{forward}:{i}" for i in range(len(out_types))] +
+                         _data_inputs(call))
+    wrapper.attr["T"].list.type.extend(out_types + in_types)
+    wrapper.attr[LIBRARY_GRADIENT_ATTR].func.name = library_gradients[call.op]
+    wrapper.attr[LIBRARY_GRADIENT_ATTR].func.attr["num_results"].i = len(out_types)
+    if call.device:
+      wrapper.device = call.device
+    used_functions[call.op] = library_gradients[call.op]
+  return out, GradientRepairs(library=tuple(library), forward=tuple(custom),
+                              functions=used_functions)

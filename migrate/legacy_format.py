@@ -40,8 +40,27 @@ IMAGE_MODULE_INFO_KEY = "image_module_info"
 SUPPORTED_MODULE_FORMAT = 3  # ModuleDef.FORMAT_V3, the only one ever published.
 SUPPORTED_REQUIRED_FEATURES: frozenset[str] = frozenset()  # As in hub 0.15.
 
+# Image sides this tool accepts (the default size attached to a module, or a
+# fixed input size of its signature): real TF1 Hub image modules use 96 to
+# 600 pixels; verification makes images of that size, so a corrupt or
+# hostile value must not become a memory bomb.
+MAX_IMAGE_SIDE = 4096
+
+# A ModuleDef is a format number and a few feature names.
+_MAX_MODULE_DEF_BYTES = 1 << 20
+
 INFERENCE_TAGS: frozenset[str] = frozenset()
 TRAIN_TAGS: frozenset[str] = frozenset({"train"})
+
+
+def node_name(ref: str) -> str:
+  """The node of a GraphDef reference: '^a', 'a:1' and 'a' name node 'a'."""
+  return ref.lstrip("^").split(":")[0]
+
+
+def tensor_name(ref: str) -> str:
+  """The tensor a reference names: 'a' is output 0 ('a:0'), 'a:1' stays."""
+  return ref if ":" in ref else ref + ":0"
 
 
 def _declare_hub_protos():
@@ -137,6 +156,7 @@ class LegacyModule:
   attachments: Mapping[str, bytes]
   checkpoint_prefix: str
   saved_model_sha256: str
+  source_bytes: int = 0  # Bytes of the module's files (what conversion reads).
 
   @property
   def inference(self) -> GraphVariant:
@@ -161,7 +181,18 @@ class LegacyModule:
     if not info.HasField("default_image_size"):
       return None
     size = info.default_image_size
+    check_image_size(f"{self.path}: attached message '{IMAGE_MODULE_INFO_KEY}'",
+                     "default image size", (size.height, size.width))
     return (size.height, size.width)
+
+
+def check_image_size(where: str, what: str, size: Sequence[Optional[int]]) -> None:
+  """Refuses an image side outside 1..MAX_IMAGE_SIDE (None: variable)."""
+  if any(s is not None and not 1 <= s <= MAX_IMAGE_SIDE for s in size):
+    shown = "x".join("None" if s is None else str(s) for s in size)
+    raise errors.CorruptModuleError(
+        f"{where}: expected a {what} of 1 to {MAX_IMAGE_SIDE} pixels per "
+        f"side, found {shown}")
 
 
 def placeholder_defaults(graph_def) -> dict[str, np.ndarray]:
@@ -174,7 +205,7 @@ def placeholder_defaults(graph_def) -> dict[str, np.ndarray]:
   for node in graph_def.node:
     if node.op != "PlaceholderWithDefault" or not node.input:
       continue
-    src = nodes.get(node.input[0].lstrip("^").split(":")[0])
+    src = nodes.get(node_name(node.input[0]))
     if src is not None and src.op == "Const":
       try:
         result[node.name + ":0"] = tf.make_ndarray(src.attr["value"].tensor)
@@ -187,8 +218,8 @@ def _read_module_def(path: str) -> ModuleDef:
   module_def_path = os.path.join(path, MODULE_DEF_FILENAME)
   module_def = ModuleDef()
   try:
-    with open(module_def_path, "rb") as f:
-      module_def.ParseFromString(f.read())
+    module_def.ParseFromString(fileutil.read_regular_file(
+        module_def_path, max_bytes=_MAX_MODULE_DEF_BYTES))
   except (pb_message.DecodeError, ValueError) as e:
     raise errors.CorruptModuleError(
         f"{module_def_path}: expected a ModuleDef protocol buffer, found "
@@ -220,14 +251,16 @@ def _check_is_hub_module(path: str) -> None:
 def _is_tf2(path: str) -> bool:
   """True when saved_model.pb carries a TF2 object graph."""
   try:
-    saved_model = _parse_saved_model(path)
+    saved_model = parse_saved_model(path)
   except errors.MigrationError:
     return False
   return any(mg.HasField("object_graph_def") and mg.object_graph_def.nodes
              for mg in saved_model.meta_graphs)
 
 
-def _parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
+def parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
+  """The SavedModel protocol buffer of the directory `path` (one MetaGraph
+  at least); raises a MigrationError naming the file otherwise."""
   pb_path = os.path.join(path, SAVED_MODEL_FILENAME)
   saved_model = saved_model_pb2.SavedModel()
   if not os.path.isfile(pb_path):
@@ -235,8 +268,7 @@ def _parse_saved_model(path: str) -> saved_model_pb2.SavedModel:
         f"{path}: expected a binary {SAVED_MODEL_FILENAME}, found only a text "
         f"saved_model.pbtxt")
   try:
-    with open(pb_path, "rb") as f:
-      saved_model.ParseFromString(f.read())
+    saved_model.ParseFromString(fileutil.read_regular_file(pb_path))
   except (pb_message.DecodeError, ValueError, RuntimeError) as e:
     raise errors.CorruptModuleError(
         f"{pb_path}: expected a SavedModel protocol buffer, found unparsable "
@@ -314,7 +346,7 @@ def _variables(mg: meta_graph_pb2.MetaGraphDef, where: str) -> list[VariableInfo
   result, seen = [], set()
   for key in ("variables", "model_variables", "trainable_variables"):
     for vd in var_defs(key):
-      name = vd.variable_name.rsplit(":", 1)[0]
+      name = node_name(vd.variable_name)
       if name in seen:
         continue
       seen.add(name)
@@ -359,6 +391,15 @@ def _check_asset_name(path: str, filename: str, where: str) -> str:
   return filename
 
 
+def unpack_asset_file_def(raw) -> Optional[meta_graph_pb2.AssetFileDef]:
+  """The AssetFileDef packed in an `Any` of a collection, or None."""
+  asset = meta_graph_pb2.AssetFileDef()
+  try:
+    return asset if raw.Unpack(asset) else None
+  except pb_message.DecodeError:
+    return None
+
+
 def _asset_files(mg: meta_graph_pb2.MetaGraphDef, path: str,
                  where: str) -> dict[str, str]:
   result = {}
@@ -369,12 +410,8 @@ def _asset_files(mg: meta_graph_pb2.MetaGraphDef, path: str,
   coll = mg.collection_def.get("saved_model_assets")
   if coll is not None:
     for raw in coll.any_list.value:
-      asset = meta_graph_pb2.AssetFileDef()
-      try:
-        unpacked = raw.Unpack(asset)
-      except pb_message.DecodeError:
-        unpacked = False
-      if not unpacked:
+      asset = unpack_asset_file_def(raw)
+      if asset is None:
         raise errors.CorruptModuleError(
             f"{where}: expected AssetFileDef messages in collection "
             f"'saved_model_assets', found {raw.type_url or 'an empty Any'}")
@@ -393,7 +430,7 @@ def read_module(path: str) -> LegacyModule:
   path = os.fspath(path)
   _check_is_hub_module(path)
   module_def = _read_module_def(path)
-  saved_model = _parse_saved_model(path)
+  saved_model = parse_saved_model(path)
   variants: dict[frozenset[str], GraphVariant] = {}
   attachments: dict[str, bytes] = {}
   for mg in saved_model.meta_graphs:
@@ -428,4 +465,5 @@ def read_module(path: str) -> LegacyModule:
       variants=variants,
       attachments=attachments,
       checkpoint_prefix=prefix,
-      saved_model_sha256=fileutil.file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)))
+      saved_model_sha256=fileutil.file_sha256(os.path.join(path, SAVED_MODEL_FILENAME)),
+      source_bytes=sum(f.size for f in fileutil.source_files(path)))

@@ -210,6 +210,13 @@ def make_plan(module: legacy_format.LegacyModule, *,
         f"in the train graph")
   input_shape = tuple(images.shape) if images.shape else (None, None, None, 3)
   input_shape = (None, input_shape[1], input_shape[2], 3)
+  for variant in module.variants.values():  # Verification feeds them all.
+    for sig in variant.signatures.values():
+      shape = sig.inputs[IMAGES_INPUT].shape if IMAGES_INPUT in sig.inputs else None
+      if shape is not None and len(shape) == 4:
+        legacy_format.check_image_size(
+            f"{module.path}: signature '{sig.name}' input '{IMAGES_INPUT}'",
+            "fixed image size", shape[1:3])
   size = module.image_module_info_size()
   if size is None and input_shape[1] and input_shape[2]:
     size = (input_shape[1], input_shape[2])

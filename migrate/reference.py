@@ -60,14 +60,6 @@ class TrainStepResult:
             for k, v in self.gradients.items()}
 
 
-def _op_name(tensor_name: str) -> str:
-  return tensor_name.lstrip("^").split(":")[0]
-
-
-def _tensor_name(name: str) -> str:
-  return name if ":" in name else name + ":0"
-
-
 class _GraphSession:
   """One MetaGraph imported into its own Graph, with an open Session."""
 
@@ -135,7 +127,7 @@ class _GraphSession:
     return self.session.run({n: self.reads[n] for n in names})
 
   def tensor(self, name: str) -> tf.Tensor:
-    return self.graph.get_tensor_by_name(_tensor_name(name))
+    return self.graph.get_tensor_by_name(legacy_format.tensor_name(name))
 
   def ancestors(self, roots: Sequence[tf.Operation]) -> set[tf.Operation]:
     seen, todo = set(roots), list(roots)
@@ -367,7 +359,7 @@ class ReferenceModule:
   def _update_ops(self, g: _GraphSession, signature: str) -> list[str]:
     """UPDATE_OPS that the signature's inputs can run (all others need feeds)."""
     sig = g.variant.signatures[signature]
-    fed = {_op_name(i.tensor_name) for i in sig.inputs.values()}
+    fed = {legacy_format.node_name(i.tensor_name) for i in sig.inputs.values()}
     result = []
     for name in g.variant.update_ops:
       op = g.graph.get_operation_by_name(name)

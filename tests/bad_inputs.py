@@ -424,3 +424,60 @@ def mutate_graph(sm: saved_model_pb2.SavedModel, kind: str, rng) -> str:
   elif kind == "duplicate_name":
     node.name = rng.choice(names)
   return what
+
+
+# Op-type and attribute mutations (issue #14): what an attacker changes to
+# get an op past the scan, rather than bytes.
+OP_MUTATIONS = ("op_from_registry", "op_unsafe", "attr_func", "attr_path",
+                "call_an_op", "function_with_unsafe_op", "gradient_of_unsafe")
+UNSAFE_FOR_FUZZ = ("ReadFile", "WriteFile", "SaveV2", "RestoreV2",
+                   "MergeV2Checkpoints", "PyFunc", "EagerPyFunc", "PrintV2",
+                   "MatchingFiles", "FixedUnigramCandidateSampler",
+                   "TFRecordDataset", "ImmutableConst", "DeleteFile", "_Send",
+                   "Abort", "DebugIdentityV2", "Skipgram")
+
+
+def registered_ops() -> list[str]:
+  from tensorflow.core.framework import op_def_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.client import pywrap_tf_session  # pylint: disable=g-import-not-at-top
+  ops = op_def_pb2.OpList()
+  ops.ParseFromString(bytes(pywrap_tf_session.TF_GetBuffer(
+      pywrap_tf_session.TF_GetAllOpList())))
+  return sorted(op.name for op in ops.op)
+
+
+def mutate_ops(sm: saved_model_pb2.SavedModel, kind: str, rng,
+               registry: Sequence[str]) -> str:
+  """One op-type or attribute mutation of a random NodeDef; returns what it did."""
+  mg = rng.choice(list(sm.meta_graphs))
+  graph_def = mg.graph_def
+  node = rng.choice(list(graph_def.node))
+  what = f"{kind} on {node.name} ({node.op})"
+  if kind == "op_from_registry":
+    node.op = rng.choice(registry)
+  elif kind == "op_unsafe":
+    node.op = rng.choice(UNSAFE_FOR_FUZZ)
+  elif kind == "attr_func":
+    key = rng.choice(sorted(node.attr) + ["f", "then_branch", "body"])
+    node.attr[key].func.name = rng.choice(list(UNSAFE_FOR_FUZZ) + ["NoSuchFn"])
+  elif kind == "attr_path":
+    key = rng.choice(sorted(node.attr) + ["vocab_file", "filename", "output_stream"])
+    node.attr[key].s = rng.choice([b"/etc/passwd", b"file:///tmp/fuzz_canary",
+                                   b"../../outside", b"\x00"])
+  elif kind == "call_an_op":
+    node.op = rng.choice(["StatefulPartitionedCall", "PartitionedCall", "If",
+                          "While"])
+    node.attr["f"].func.name = rng.choice(UNSAFE_FOR_FUZZ)
+  elif kind in ("function_with_unsafe_op", "gradient_of_unsafe"):
+    fdef = graph_def.library.function.add()
+    fdef.signature.name = f"fuzz_fn_{rng.randrange(10**6)}"
+    inner = fdef.node_def.add(name="inner", op=rng.choice(UNSAFE_FOR_FUZZ))
+    inner.attr["T"].type = 1
+    if kind == "function_with_unsafe_op":
+      node.op = fdef.signature.name  # Called by name, as TF1 Defuns were.
+    else:
+      # The gradient is the unsafe function itself, or names no function.
+      graph_def.library.gradient.add(function_name=fdef.signature.name,
+                                     gradient_func=rng.choice(["NoSuchGrad",
+                                                               fdef.signature.name]))
+  return what

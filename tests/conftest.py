@@ -36,6 +36,29 @@ def convertible_fixture_names() -> list[str]:
   return [n for n in fixture_names() if not golden_meta(n).get("expect_refusal")]
 
 
+# Fixtures whose verification is the second part of issue 13 (done with the restructured
+# verify): what fails today. Tests that need it are marked xfail(strict=True), so that they
+# say when it works; remove the entries then.
+VERIFICATION_PENDING = {
+    "nasnet_cell_droppath":
+        "verify: the reference side draws the unseeded random ops under op determinism",
+    "efficientnet_tf2_swish":
+        "verify: the reference side's tf.gradients raises LookupError on the lost gradient",
+    "efficientnet_defun_swish":
+        "verify: unseeded random ops; the fed copy (_inline_calls) cannot convert FunctionDefs "
+        "that call library functions by op type, and its swish wrappers need "
+        "build.library_gradient",
+}
+FED_COPY_PENDING = ("efficientnet_defun_swish",)
+
+
+def pending(names, failing=tuple(VERIFICATION_PENDING)) -> list:
+  """`names` as pytest params, those in `failing` expected to fail (strictly)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=VERIFICATION_PENDING[n]))
+          if n in failing else n for n in names]
+
+
 def golden_meta(name: str) -> dict:
   with open(os.path.join(GOLDENS, f"{name}.json"), encoding="utf-8") as f:
     return json.load(f)

@@ -128,9 +128,11 @@ def test_sigkill_at_random_moments_leaves_dst_absent_or_complete(tmp_path):
       assert len(lines) == 1 and "killed by SIGKILL" in lines[0], err
       if state == "complete":  # Killed between the rename and the summary.
         killed = "worker (after it had moved DST into place)"
-        assert "already moved the finished model into place" in lines[0], err
+        assert "already been moved into place" in lines[0], err
       else:
         assert "nothing was written" in lines[0], err
+      # The CLI outlived its worker: it removed what the worker staged.
+      assert not bi.leftovers_beside(dst), bi.leftovers_beside(dst)
     elif killed == "nothing (finished first)":
       assert proc.returncode == 0, err
     assert "Traceback" not in out + err
@@ -177,3 +179,98 @@ def test_killed_during_worker_start_leaves_no_orphan(tmp_path):
   assert not _alive(worker), "the worker outlived the killed CLI"
   time.sleep(1)
   assert not os.path.lexists(dst)
+
+
+def _run_until(args, parent: str, trigger: str, signum: int, to_group: bool):
+  """Runs the CLI; when `trigger` shows ("staged": a staging directory beside
+  DST, "dst": DST itself), sends `signum`; returns (returncode, stderr)."""
+  proc = subprocess.Popen(bi.cli_command(args), cwd=bi.REPO, env=bi.cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  dst = args[1]
+  while proc.poll() is None:
+    names = os.listdir(parent)
+    if trigger == "staged" and any(".migrate-tmp-" in n for n in names):
+      break
+    if trigger == "dst" and os.path.exists(dst):
+      break
+    time.sleep(0.01)
+  family = set(_descendants(proc.pid))
+  if proc.poll() is None:
+    if to_group:  # Ctrl-C on a terminal reaches the whole process group.
+      os.killpg(proc.pid, signum)
+    else:
+      os.kill(proc.pid, signum)
+  _, err = proc.communicate(timeout=300)
+  family_gone = time.monotonic() + 10
+  while time.monotonic() < family_gone and any(_alive(p) for p in family):
+    time.sleep(0.1)
+  assert not [p for p in family if _alive(p)], "a process outlived the CLI"
+  return proc.returncode, err
+
+
+def test_interrupts_say_whether_dst_is_complete_and_leave_nothing(tmp_path):
+  """Ctrl-C (to the process group) and SIGTERM (to the CLI), once the model
+  is staged and once DST has appeared: exit 130/143 with one line that says
+  the truth, and no staged directory beside DST."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  src = bi.copy_fixture(FIXTURE, str(tmp_path / "src"))
+  digest = bi.tree_digest(src)
+  scenarios = [(trigger, signum) for trigger in ("staged", "dst")
+               for signum in (signal.SIGINT, signal.SIGTERM)]
+
+  def one(scenario):
+    trigger, signum = scenario
+    parent = tmp_path / f"{trigger}_{signum}"
+    parent.mkdir()
+    dst = str(parent / "out")
+    code, err = _run_until([src, dst], str(parent), trigger, signum,
+                           to_group=signum == signal.SIGINT)
+    return dst, code, err
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    results = list(pool.map(one, scenarios))
+  for (trigger, signum), (dst, code, err) in zip(scenarios, results):
+    info = f"{trigger} {signal.Signals(signum).name}: rc={code} {err!r}"
+    assert not bi.leftovers_beside(dst), info
+    assert "Traceback" not in err, info
+    state = _check_dst(dst)
+    if code == 0:  # It finished before the signal.
+      assert trigger == "dst" and state == "complete", info
+      continue
+    assert code == 128 + signum, info
+    lines = err.splitlines()
+    assert len(lines) == 1 and src in lines[0], info
+    assert ("interrupted (Ctrl-C)" if signum == signal.SIGINT
+            else "terminated (SIGTERM)") in lines[0], info
+    if state == "complete":
+      assert f"{dst} is complete and verified" in lines[0], info
+    else:
+      assert lines[0].endswith("nothing was written"), info
+  assert any(code != 0 for _, code, _ in results)
+  assert bi.tree_digest(src) == digest
+
+
+def test_a_parent_swapped_mid_run_gets_nothing_and_src_is_untouched(tmp_path):
+  """Once the model is being staged, DST's parent is renamed and a symlink to
+  SRC put in its place: nothing may land in SRC (or anywhere), exit 7."""
+  src = bi.copy_fixture(FIXTURE, str(tmp_path / "src"))
+  digest = bi.tree_digest(src)
+  parent = tmp_path / "parent"
+  parent.mkdir()
+  dst = str(parent / "out")
+  proc = subprocess.Popen(bi.cli_command([src, dst]), cwd=bi.REPO,
+                          env=bi.cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  while proc.poll() is None:
+    if any(".migrate-tmp-" in n for n in os.listdir(parent)):
+      break
+    time.sleep(0.002)
+  assert proc.poll() is None, "the run ended before it staged anything"
+  os.rename(parent, tmp_path / "moved")
+  os.symlink(src, parent)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 7, err
+  lines = err.splitlines()
+  assert len(lines) == 1 and "replaced or moved during the run" in lines[0], err
+  assert bi.tree_digest(src) == digest
+  assert os.listdir(tmp_path / "moved") == []

@@ -2,8 +2,11 @@
 
 300 byte-mutated copies of `inference_only_asset` (bit flips, truncations,
 insertions, random overwrites of saved_model.pb, tfhub_module.pb and
-variables/variables.index) and 120 graph-level ones (a NodeDef's op, inputs,
-attrs, Const tensor, name changed or the node deleted) are converted by the library in ONE spawned worker
+variables/variables.index), 120 graph-level ones (a NodeDef's op, inputs,
+attrs, Const tensor, name changed or the node deleted) and 70 op-type and
+attribute ones (issue #14: an op of the registry or an unsafe one swapped in,
+function attributes naming ops, file paths in attributes, unsafe ops inside
+library and gradient functions) are converted by the library in ONE spawned worker
 (`isolation.run_isolated`, so a TensorFlow crash costs only that worker: the
 crashing case is then re-run through the CLI, which must report it as exit
 11, and the rest continue in a new worker). Per case: success with a
@@ -33,11 +36,14 @@ SEED = 6
 PER_FILE = 100  # x 3 files = 300 mutations.
 FILES = ("saved_model.pb", "tfhub_module.pb", os.path.join("variables", "variables.index"))
 GRAPH_CASES = 120  # NodeDef-level mutations of saved_model.pb.
+OP_CASES = 70  # Op-type and attribute mutations (issue #14).
+MEMORY_LIMIT = 4 << 30  # A mutated shape must not take the machine's memory.
 CASE_SECONDS = 60  # Bound per case (in the worker).
 DOCUMENTED_FAILURES = {int(c) for c in (
     errors.ExitCode.NOT_FOUND, errors.ExitCode.NOT_A_HUB_MODULE,
     errors.ExitCode.UNSUPPORTED, errors.ExitCode.CORRUPT,
-    errors.ExitCode.OUTPUT, errors.ExitCode.UNSAFE_OPS)}
+    errors.ExitCode.OUTPUT, errors.ExitCode.UNSAFE_OPS,
+    errors.ExitCode.RESOURCES)}
 
 
 def _make_cases(base: str) -> list[dict]:
@@ -62,18 +68,25 @@ def _make_cases(base: str) -> list[dict]:
   # input most likely to reach (and crash) TensorFlow's C++ side.
   with open(os.path.join(original, "saved_model.pb"), "rb") as f:
     pristine = f.read()
-  for i in range(GRAPH_CASES):
+  def graph_case(name: str, what: str, mutate) -> None:
     sm = bi.saved_model_pb2.SavedModel()
     sm.ParseFromString(pristine)
-    kinds = [rng.choice(bi.GRAPH_MUTATIONS) for _ in range(rng.randint(1, 2))]
-    did = "; ".join(bi.mutate_graph(sm, k, rng) for k in kinds)
-    name = f"3_{i:03d}_graph"
+    did = mutate(sm)
     src = os.path.join(base, name, "src")
     shutil.copytree(original, src)
     bi.write_saved_model(src, sm)
-    cases.append({"name": name, "file": "saved_model.pb (graph)", "kind": did,
+    cases.append({"name": name, "file": f"saved_model.pb ({what})", "kind": did,
                   "src": src, "dst": os.path.join(base, name, "out"),
                   "digest": bi.tree_digest(src)})
+  for i in range(GRAPH_CASES):
+    kinds = [rng.choice(bi.GRAPH_MUTATIONS) for _ in range(rng.randint(1, 2))]
+    graph_case(f"3_{i:03d}_graph", "graph", lambda sm, kinds=kinds: "; ".join(
+        bi.mutate_graph(sm, k, rng) for k in kinds))
+  registry = bi.registered_ops()
+  for i in range(OP_CASES):
+    kind = bi.OP_MUTATIONS[i % len(bi.OP_MUTATIONS)]
+    graph_case(f"4_{i:03d}_ops", "ops", lambda sm, kind=kind: bi.mutate_ops(
+        sm, kind, rng, registry))
   return cases
 
 
@@ -106,9 +119,9 @@ def test_fuzzed_modules_end_in_success_or_one_clear_error(tmp_path):
       isolation.run_isolated(
           bi.convert_cases, [(c["src"], c["dst"]) for c in remaining],
           results_path, what="fuzz worker",
-          timeout=CASE_SECONDS * len(remaining))
+          timeout=CASE_SECONDS * len(remaining), memory_limit=MEMORY_LIMIT)
       break
-    except errors.WorkerCrashedError:
+    except (errors.WorkerCrashedError, errors.ResourceLimitError):
       done, started = _read_results(results_path)
       culprit = next(s for s in reversed(started) if s not in done)
       crashed.append(by_src[culprit])

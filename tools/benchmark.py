@@ -18,7 +18,13 @@ RSS is that task's own), medians over `--repeats`:
 - inference throughput of the converted model (batch 1 and 32 at the
   module's size) against the TF1 module run in graph mode (Session) and
   against `hub.load(module).signatures[...]`;
-- load time of the converted model against `hub.load` of the TF1 module.
+- load time of the converted model against `hub.load` of the TF1 module;
+- inference throughput of the native Keras 3 model (`SRC -> DST.keras`,
+  `model.predict_on_batch`) on each installed Keras backend against the TF2
+  SavedModel, round-robin in the same process (one per backend).
+
+`--parts=keras` measures only the last; `--modules=fixture:NAME` takes a
+committed fixture (legacy_fixtures/modules/NAME) instead of a full-size one.
 
 Times exclude the TensorFlow import (the same for every side). Prints a
 Markdown table (paste it into the README) and optionally writes JSON.
@@ -136,6 +142,28 @@ def task_infer(src: str, converted: str, signature: str, batch: str, h: str,
   return {k: statistics.median(v) for k, v in figures.items()}
 
 
+def task_infer_keras(keras_path: str, converted: str, batch: str, h: str,
+                     w: str, rounds: str) -> dict:
+  """Throughput of the .keras model on this process's Keras backend
+  (KERAS_BACKEND, set by the caller) and of the TF2 SavedModel, round-robin."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  batch_size = int(batch)
+  images = _images(batch_size, (int(h), int(w)))
+  model = keras.saving.load_model(keras_path, safe_mode=True)
+  obj = tf.saved_model.load(converted)
+  x = tf.constant(images)
+  sides = {"keras": lambda: model.predict_on_batch(images),
+           "savedmodel": lambda: obj(x).numpy()}
+  figures: dict[str, list[float]] = {k: [] for k in sides}
+  for _ in range(int(rounds)):
+    for name, run in sides.items():
+      figures[name].append(_throughput(run, batch_size))
+  result = {k: statistics.median(v) for k, v in figures.items()}
+  result["backend"] = keras.backend.backend()
+  return result
+
+
 TASKS = {name[len("task_"):]: fn for name, fn in globals().items()
          if name.startswith("task_")}
 
@@ -152,8 +180,10 @@ def _time_cli(*args: str) -> float:
   return seconds
 
 
-def _run_task(name: str, *args: str) -> dict:
+def _run_task(name: str, *args: str, backend: str = "") -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  if backend:
+    env["KERAS_BACKEND"] = backend
   proc = subprocess.run([sys.executable, __file__, "--task", name, *args],
                         capture_output=True, text=True, env=env, check=False)
   if proc.returncode != 0:
@@ -185,8 +215,38 @@ def _module_info(src: str) -> tuple[str, tuple[int, int]]:
   return signature, tuple(size or (224, 224))
 
 
+def _source(name: str) -> str:
+  if name.startswith("fixture:"):
+    return os.path.join(REPO, "legacy_fixtures", "modules", name.split(":", 1)[1])
+  return os.path.join(FULL, name)
+
+
+def _keras_backends() -> list[str]:
+  from migrate import keras_side  # pylint: disable=g-import-not-at-top
+  return keras_side.installed_backends()
+
+
+def benchmark_keras(name: str, repeats: int, work: str, res: dict) -> None:
+  """The .keras model's inference on each installed backend vs the SavedModel."""
+  src = _source(name)
+  _, (h, w) = _module_info(src)
+  tag = name.replace(":", "-")
+  saved, native = os.path.join(work, f"{tag}-k-sm"), os.path.join(work, f"{tag}.keras")
+  shutil.rmtree(saved, ignore_errors=True)
+  if os.path.exists(native):
+    os.remove(native)
+  _run_task("convert", src, saved, "0")
+  _run_task("convert", src, native, "0")
+  res["keras"] = {}
+  for backend in _keras_backends():
+    for batch in (1, 32):
+      ips = _run_task("infer_keras", native, saved, str(batch), str(h), str(w),
+                      str(repeats), backend=backend)
+      res["keras"][f"{backend}_b{batch}"] = ips
+
+
 def benchmark_module(name: str, repeats: int, work: str) -> dict:
-  src = os.path.join(FULL, name)
+  src = _source(name)
   signature, (h, w) = _module_info(src)
   res: dict = {"module": name, "signature": signature, "image_size": [h, w]}
 
@@ -241,6 +301,23 @@ def _machine() -> str:
     pass
   mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Python {platform.python_version()}"
+
+
+def keras_markdown(results: list[dict]) -> str:
+  """Rows: the .keras model's img/s on each backend against the SavedModel's."""
+  head = "| Keras model (`predict_on_batch`) vs TF2 SavedModel, img/s | " + " | ".join(
+      r["module"] for r in results) + " |"
+  lines = [head, "|" + " --- |" * (len(results) + 1)]
+  keys = sorted({k for r in results for k in r.get("keras", {})})
+  for key in keys:
+    backend, batch = key.rsplit("_", 1)
+    cells = []
+    for r in results:
+      f = r.get("keras", {}).get(key)
+      cells.append("-" if f is None else
+                   f"{f['keras'] / f['savedmodel']:.2f}x ({f['keras']:.1f} / {f['savedmodel']:.1f})")
+    lines.append(f"| {backend}, batch {batch[1:]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def markdown(results: list[dict], machine: str, date: str, load: str) -> str:
@@ -319,11 +396,13 @@ def main() -> int:
   parser.add_argument("--json", default=None)
   parser.add_argument("--build", action="store_true",
                       help="build missing full-size modules in the legacy venv")
+  parser.add_argument("--parts", choices=("all", "keras"), default="all",
+                      help="keras: only the .keras model's inference rows")
   args = parser.parse_args()
   names = [n for n in args.modules.split(",") if n]
   if args.build:
-    _build(names)
-  missing = [n for n in names if not os.path.isdir(os.path.join(FULL, n))]
+    _build([n for n in names if not n.startswith("fixture:")])
+  missing = [n for n in names if not os.path.isdir(_source(n))]
   if missing:
     print(f"missing full-size modules {missing}: run with --build, or "
           f"legacy_fixtures/generate.py --full NAME in the legacy venv",
@@ -336,10 +415,17 @@ def main() -> int:
     results = []
     for name in names:
       print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-      results.append(benchmark_module(name, args.repeats, work))
+      res = (benchmark_module(name, args.repeats, work) if args.parts == "all"
+             else {"module": name})
+      benchmark_keras(name, args.repeats, work, res)
+      results.append(res)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  table = markdown(results, _machine(), date, load)
+  if args.parts == "all":
+    table = markdown(results, _machine(), date, load) + "\n\n" + keras_markdown(results)
+  else:
+    table = (f"Measured {date} on {_machine()}; load average at start {load}.\n\n"
+             + keras_markdown(results))
   print(table)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
