@@ -177,7 +177,21 @@ def _body(row, images, is_training, momentum):
                 images, final_endpoint="Mixed_3b", min_depth=4, depth_multiplier=0.1,
                 scope="InceptionV2")
         features = tf.reduce_mean(net, [1, 2], name="pooled")
-    else:  # convnet; efficientnet and nasnet until their small builders exist
+    elif fam == "efficientnet":
+        # Drop connect and dropout from unseeded random ops, and swish as TF 1.x built it (a
+        # Defun with a library gradient), as the TF1 EfficientNet modules were exported.
+        _, features = fixture_nets.efficientnet(
+            images, 10, is_training, blocks=[(3, 1, 2, 1, 8, 16, 0.25), (5, 1, 1, 6, 16, 16, 0.25)],
+            stem_filters=8, head_filters=32, dropout_rate=0.2, survival_prob=0.8,
+            swish="defun", scope="efficientnet-tiny")
+    elif fam == "nasnet":
+        # One reduction and one normal NASNet-A cell with drop path (unseeded RandomUniform).
+        with fixture_nets.nasnet_arg_scope(is_training, weight_decay=4e-5,
+                                           batch_norm_decay=decay):
+            _, features = fixture_nets.nasnet_a(
+                images, 10, is_training, num_cells=1, num_conv_filters=8,
+                num_reduction_layers=1, drop_path_keep_prob=0.7, stem="cifar")
+    else:  # convnet
         _, features = fixture_nets.small_convnet(images, 10, is_training, depths=(8, 16),
                                                  batch_norm_decay=decay)
     return features
