@@ -293,6 +293,15 @@ def make_one(args):
     row, out = args
     start = time.monotonic()
     archive = os.path.join(out, row.archive)
+    done = _entry_path(out, row)
+    if os.path.exists(archive):  # a rerun resumes (archives are renamed in whole)
+        if os.path.exists(done):
+            with open(done, encoding="utf-8") as f:
+                return json.load(f)
+        entry = dataclasses.asdict(row)  # made by a run that kept no entry
+        entry.update(archive=row.archive, bytes=os.path.getsize(archive),
+                     expect_exit_code=BAD_KINDS.get(row.bad, 0), seconds=None)
+        return entry
     work = tempfile.mkdtemp(prefix="catalog_")
     try:
         module = os.path.join(work, "module")
@@ -308,7 +317,17 @@ def make_one(args):
     entry.update(archive=row.archive, bytes=os.path.getsize(archive),
                  expect_exit_code=BAD_KINDS.get(row.bad, 0),
                  seconds=round(time.monotonic() - start, 2))
+    os.makedirs(os.path.dirname(done), exist_ok=True)
+    with open(done + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(entry, f)
+    os.replace(done + ".tmp", done)
     return entry
+
+
+def _entry_path(out, row):
+    """Where a made row's entry waits for catalog.json (so a rerun resumes)."""
+    key = hashlib.sha256(repr(dataclasses.astuple(row)).encode()).hexdigest()[:16]
+    return os.path.join(out, ".made", key + ".json")
 
 
 def _worker_init():
