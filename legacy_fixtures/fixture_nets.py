@@ -47,11 +47,14 @@ MOBILENET_V1_DEFS = [(1, 64), (2, 128), (1, 128), (2, 256), (1, 256), (2, 512)] 
 
 
 def mobilenet_v1(images, num_classes, is_training, batch_norm_decay=0.9997, conv_defs=None,
-                 first_depth=8, dropout_keep_prob=0.8, weight_decay=4e-5, scope="MobilenetV1"):
+                 first_depth=8, dropout_keep_prob=0.8, weight_decay=4e-5, scope="MobilenetV1",
+                 global_pool=False):
     """MobileNet-V1-style classifier. Returns (logits, features, end_points).
 
     ``batch_norm_decay`` may be a scalar tensor (the ``batch_norm_momentum`` hparam input).
-    ``features`` is the pooled feature vector BEFORE the logits' dropout.
+    ``features`` is the pooled feature vector BEFORE the logits' dropout. ``global_pool`` pools
+    with a mean over height and width (as slim's mobilenet_v1 does for inputs of any size)
+    instead of an average pool over the static feature-map size.
     """
     conv_defs = conv_defs or MOBILENET_V1_TINY_DEFS
     end_points = {}
@@ -66,8 +69,11 @@ def mobilenet_v1(images, num_classes, is_training, batch_norm_decay=0.9997, conv
                 net = slim.conv2d(net, depth, [1, 1], stride=1, scope="Conv2d_%d_pointwise" % i)
                 end_points["Conv2d_%d_pointwise" % i] = net
         with tf1.variable_scope("Logits"):
-            kernel = net.get_shape().as_list()[1:3]
-            net = slim.avg_pool2d(net, kernel, padding="VALID", scope="AvgPool_1a")
+            if global_pool:
+                net = tf.reduce_mean(net, [1, 2], keepdims=True, name="global_pool")
+            else:
+                kernel = net.get_shape().as_list()[1:3]
+                net = slim.avg_pool2d(net, kernel, padding="VALID", scope="AvgPool_1a")
             end_points["AvgPool_1a"] = net
             features = _squeeze_hw(net, "features")
             net = slim.dropout(net, keep_prob=dropout_keep_prob, is_training=is_training,
