@@ -140,11 +140,17 @@ def _training_call(c: _Converted, sig: str, shape):
   randoms = {k[len(prefix):]: v for k, v in c.arrays.items() if k.startswith(prefix)}
   if not randoms:
     return lambda x: c.model(x, training=True), 0
-  fed = verify_random_ops.FedTrainFunction(
-      verify_random_ops.training_function(c.model, []), randoms, shape)
+  function = verify_random_ops.training_function(c.model, [])
+  fed = verify_random_ops.FedTrainFunction(function, randoms, shape)
   # Random ops of the golden run that are not on __call__'s path are fine
-  # (other outputs of the signature); every random op on it must be fed.
+  # (other outputs of the signature, the output dropout the conversion
+  # removed); every random op on it must be fed.
   assert not fed.match.unmatched_converted, fed.match.unmatched_converted
+  if not fed.match.matched:
+    return lambda x: c.model(x, training=True), 0
+  if fed.match.unmatched_reference:
+    fed = verify_random_ops.FedTrainFunction(
+        function, {r: randoms[r] for r in fed.match.matched.values()}, shape)
   return fed, len(fed.match.matched)
 
 
