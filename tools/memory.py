@@ -65,7 +65,7 @@ def _parents() -> dict[int, int]:
   return result
 
 
-def _tree(root: int) -> dict[int, int]:
+def tree(root: int) -> dict[int, int]:
   """pid -> depth below `root` (0) of root's living descendants."""
   children: dict[int, list[int]] = {}
   for pid, ppid in _parents().items():
@@ -79,7 +79,7 @@ def _tree(root: int) -> dict[int, int]:
   return depth
 
 
-def _status_kb(pid: int) -> dict[str, int]:
+def status_kb(pid: int) -> dict[str, int]:
   result = {}
   try:
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
@@ -102,8 +102,8 @@ def measure(argv: list[str], interval: float) -> dict:
   peak_tree_kb, hwm_kb = 0, {}  # (pid, cmdline) -> (role, VmHWM kB)
   while proc.poll() is None:
     total = 0
-    for pid, depth in _tree(proc.pid).items():
-      status = _status_kb(pid)
+    for pid, depth in tree(proc.pid).items():
+      status = status_kb(pid)
       total += status.get("VmRSS", 0)
       if "VmHWM" in status:
         cmdline = proctree.cmdline(pid)
