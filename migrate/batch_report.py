@@ -1,6 +1,6 @@
 """BATCH, report and progress: what happened to each module, as it happens.
 
-`ModuleOutcome` (one module: status, exit code and one-line error, timings,
+`ModuleOutcome` (one module: family, status, exit code and one-line error, timings,
 parity), `BatchReport` (every outcome in the order of the sources: a table,
 JSON, CSV, the exit code) and `Progress` (sent to `on_progress` while the
 batch runs). Every text that reaches a report is escaped
@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Optional
 
+from migrate import batch_family
 from migrate import errors
 from migrate import fileutil
 
@@ -37,6 +38,7 @@ class ModuleOutcome:
   destination: str
   kind: str
   status: str  # STATUS_CONVERTED, STATUS_SKIPPED or STATUS_FAILED.
+  family: str = batch_family.UNKNOWN  # The model family (`batch_family`).
   exit_code: int = 0
   error: Optional[str] = None  # The one-line MigrationError text.
   source_sha256: Optional[str] = None
@@ -69,7 +71,7 @@ def parity_fields(report_json: Optional[str]) -> dict[str, Any]:
           "parity_failures": sum(1 for c in checks if not c.get("passed", True))}
 
 
-_CSV_COLUMNS = ("source", "destination", "kind", "status", "exit_code", "error",
+_CSV_COLUMNS = ("source", "destination", "kind", "family", "status", "exit_code", "error",
                 "seconds", "read_s", "build_s", "export_s", "verify_s",
                 "parity_passed", "parity_checks", "parity_failures",
                 "parity_summary", "source_sha256", "signature", "output_key",
