@@ -29,7 +29,7 @@ The batch's modules, by concern:
 
     batch_sources   what to convert: discovery, manifests, hashes, archives, URLs
     batch_state     the state file, the run lock, cleanup after killed runs
-    batch_report    ModuleOutcome, BatchReport, Progress
+    batch_report    ModuleOutcome, BatchReport (and its summary), Progress
     batch_family    the family of a module, from its checkpoint index
     batch_worker    the child process that converts one module
     batch           (here) the runner, its local executor, run_batch
