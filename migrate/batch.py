@@ -353,11 +353,13 @@ class BatchRunner:
       return None
     self.emit("started", module=source.location)
     outcome = self.convert(source, sha, size)
-    if self.cancelled.is_set() or (
+    if outcome.failed and (self.cancelled.is_set() or (
         outcome.exit_code == errors.ExitCode.INTERNAL
-        and "(KeyboardInterrupt" in (outcome.error or "")):
+        and "(KeyboardInterrupt" in (outcome.error or ""))):
       # Interrupted (Ctrl-C reaches the workers too): not recorded, redone
-      # by the next run; the main thread is about to stop the batch.
+      # by the next run; the main thread is about to stop the batch. A
+      # module converted before the interruption is recorded: the next run
+      # does not convert it again.
       return None
     self.record(source, outcome)
     self.emit("finished", module=source.location, outcome=outcome)

@@ -461,24 +461,28 @@ def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path
   assert _leftovers(str(dst)) == []
 
 
-def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
-  """SIGTERM while a module is being staged: exit 143, one line, the workers
-  gone and their staging directories removed at once (not by the next run)."""
+def test_sigterm_mid_batch_says_so_and_a_rerun_converts_each_module_once(tmp_path):
+  """SIGTERM after a module is recorded, while another is being staged: exit
+  143, one line, the workers gone and their staging directories removed at
+  once (not by the next run). The rerun converts what the first run did not,
+  and nothing else: every module is converted in exactly one of the runs."""
   src, dst = tmp_path / "src", tmp_path / "dst"
-  for name in ("classifier_probabilities", "inference_only_asset"):
+  names = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
+  for name in names:
     _copy_module(name, str(src / name))
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(
       [sys.executable, "-m", "migrate.cli", "batch", str(src), str(dst), "--jobs=2"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   workers: set[int] = set()
+  state = dst / batch.STATE_FILENAME
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and proc.poll() is None:
     workers |= set(proctree.children(proc.pid))
-    if any(".migrate-tmp-" in p for p in _leftovers(str(dst))):
+    if state.exists() and any(".migrate-tmp-" in p for p in _leftovers(str(dst))):
       break
     time.sleep(0.02)
-  assert proc.poll() is None, "the batch finished before it staged anything"
+  assert proc.poll() is None, "the batch finished before it staged a second module"
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == errors.ExitCode.TERMINATED, err
@@ -490,6 +494,44 @@ def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
     time.sleep(0.2)
   assert not any(proctree.alive(w) for w in workers), "workers die with the batch"
   assert _leftovers(str(dst)) == []
+  # What the first run converted is recorded; what it did not left nothing.
+  first = _state(str(dst))
+  assert 1 <= len(first) < len(names), first
+  assert all(r["status"] == "converted" for r in first.values()), first
+  for name in names:
+    assert (dst / name).exists() == (name in first), name
+  mtimes = {n: os.stat(dst / n / "saved_model.pb").st_mtime_ns for n in first}
+
+  proc = _cli("batch", str(src), str(dst), "--jobs=2", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = _by_dest(json.loads((tmp_path / "r.json").read_text()))
+  converted_again = [n for n in first if report[n]["status"] != "skipped (up to date)"]
+  assert converted_again == [], "converted twice"
+  assert sorted(n for n in names if report[n]["status"] == "converted") == sorted(
+      set(names) - set(first))
+  second = _state(str(dst))
+  for name in first:
+    assert second[name] == first[name]
+    assert os.stat(dst / name / "saved_model.pb").st_mtime_ns == mtimes[name]
+  for name in names:
+    _assert_complete_model(str(dst / name))
+  assert _leftovers(str(dst)) == []
+
+
+def test_a_module_converted_as_the_batch_is_interrupted_is_recorded(tmp_path):
+  """The interruption (Ctrl-C, SIGTERM) cancels the batch while a worker is
+  finishing: its module, converted, is recorded, so the next run skips it."""
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  _copy_module("classifier_probabilities", str(src / "m"))
+  sources = batch.discover(str(src), str(dst))
+  runner = batch.BatchRunner(str(dst), batch.ConvertOptions(verify=False), jobs=1)
+  runner.on_progress = lambda p: p.event == "started" and runner.cancelled.set()
+  report = runner.run(sources, batch.LocalExecutor(None))
+  assert runner.cancelled.is_set()
+  assert [m.status for m in report.modules] == ["converted"], report.format_table()
+  assert _state(str(dst))["m"]["status"] == "converted"
+  again = batch.run_batch(sources, str(dst), verify=False, jobs=1)
+  assert [m.status for m in again.modules] == [batch.STATUS_SKIPPED]
 
 
 def test_planning_refuses_special_files_and_links_without_blocking(tmp_path):
