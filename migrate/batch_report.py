@@ -84,8 +84,8 @@ def parity_fields(report_json: Optional[str]) -> dict[str, Any]:
           "parity_failures": sum(1 for c in checks if not c.get("passed", True))}
 
 
-_CSV_COLUMNS = ("source", "destination", "kind", "family", "status", "exit_code", "error",
-                "seconds", "read_s", "build_s", "export_s", "verify_s",
+_CSV_COLUMNS = ("source", "destination", "kind", "family", "status", "exit_code",
+                "error", "seconds", "read_s", "build_s", "export_s", "verify_s",
                 "parity_passed", "parity_checks", "parity_failures",
                 "parity_summary", "source_sha256", "signature", "output_key",
                 "finished_at")
@@ -155,7 +155,8 @@ class BatchReport:
     return out.getvalue()
 
   def to_html(self) -> str:
-    from migrate import report_html  # pylint: disable=g-import-not-at-top (it imports this)
+    # report_html imports this module (its helpers): imported here, when used.
+    from migrate import report_html  # pylint: disable=g-import-not-at-top
     data = self.to_dict()
     return report_html.render(data, summarize(data))
 
@@ -316,6 +317,14 @@ def format_stages(stage_seconds: Mapping[str, float]) -> str:
   return ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items())
 
 
+def _not_listed(rows: list, what: str, modules_key: str) -> list[str]:
+  """The line that counts the rows beyond `MAX_SUMMARY_ROWS` (if any)."""
+  rest = rows[MAX_SUMMARY_ROWS:]
+  if not rest:
+    return []
+  return [f"... {len(rest)} more {what} ({sum(r[modules_key] for r in rest)} modules)"]
+
+
 def format_summary(summary: Mapping[str, Any], last_line: str) -> str:
   """`summarize`'s data as lines for the terminal: families and causes beyond
   `MAX_SUMMARY_ROWS` are counted, not listed (the report files list all)."""
@@ -330,10 +339,7 @@ def format_summary(summary: Mapping[str, Any], last_line: str) -> str:
     lines += ["  ".join([r[0].ljust(widths[0])] +
                         [v.rjust(w) for v, w in zip(r[1:], widths[1:])])
               for r in rows]
-    rest = families[MAX_SUMMARY_ROWS:]
-    if rest:
-      lines.append(f"... {len(rest)} more families "
-                   f"({sum(f['total'] for f in rest)} modules)")
+    lines += _not_listed(families, "families", "total")
   failures = summary["failures"]
   if failures:
     lines.append(f"failures by cause ({sum(f['count'] for f in failures)} "
@@ -342,10 +348,7 @@ def format_summary(summary: Mapping[str, Any], last_line: str) -> str:
       lines.append(f"  {f['count']:>5}  exit {f['exit_code']} ({f['exit_name']}): "
                    f"{f['cause']}")
       lines.append(f"         e.g. {f['example']}")
-    rest = failures[MAX_SUMMARY_ROWS:]
-    if rest:
-      lines.append(f"... {len(rest)} more causes "
-                   f"({sum(f['count'] for f in rest)} modules)")
+    lines += _not_listed(failures, "causes", "count")
   if summary["slowest"]:
     lines.append("slowest:")
     for m in summary["slowest"]:

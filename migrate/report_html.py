@@ -127,8 +127,9 @@ def render(report: Mapping[str, Any], summary: Mapping[str, Any], *,
     row_class = "failed" if status == "failed" else (
         "skipped" if status.startswith("skipped") else "")
     seconds = float(m.get("seconds") or 0.0)
+    module = batch_report.relative_path(m.get("destination", ""), root)
     rows.append(
-        f"<tr class='{row_class}'><td><code>{_e(batch_report.relative_path(m.get('destination', ''), root))}</code></td>"
+        f"<tr class='{row_class}'><td><code>{_e(module)}</code></td>"
         f"<td>{_e(m.get('family'))}</td><td>{_e(status)}</td>"
         f"{_num(m.get('exit_code', 0))}"
         f"<td class=num data-v='{seconds:.3f}'>{seconds:.1f}</td>"
