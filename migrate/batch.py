@@ -29,7 +29,8 @@ The batch's modules, by concern:
 
     batch_sources   what to convert: discovery, manifests, hashes, archives, URLs
     batch_state     the state file, the run lock, cleanup after killed runs
-    batch_report    ModuleOutcome, BatchReport, Progress
+    batch_report    ModuleOutcome, BatchReport (and its summary), Progress
+    batch_family    the family of a module, from its checkpoint index
     batch_worker    the child process that converts one module
     batch           (here) the runner, its local executor, run_batch
 
@@ -50,6 +51,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
+from migrate import batch_family
 from migrate import batch_report as report_lib
 from migrate import batch_sources as sources_lib
 from migrate import batch_state as state_lib
@@ -263,6 +265,8 @@ class BatchRunner:
     kept = {k: v for k, v in record.items() if k in fields}
     kept.update(source=source.location, destination=source.destination,
                 kind=source.kind, status=STATUS_SKIPPED, seconds=0.0)
+    if "family" not in record and source.kind == KIND_DIRECTORY:
+      kept["family"] = batch_family.family(source.location)  # An older record.
     return ModuleOutcome(**kept)
 
   def record(self, source: Source, outcome: ModuleOutcome) -> None:
@@ -315,6 +319,11 @@ class BatchRunner:
       return preflight.default_timeout(size)
     return self.options.timeout or None
 
+  def _url_cache_dir(self, source: Source) -> str:
+    """Where `hub.resolve` puts a URL's module (TFHUB_CACHE_DIR/sha1(url))."""
+    return os.path.join(self.tfhub_cache,
+                        hashlib.sha1(source.location.encode()).hexdigest())
+
   def _rewrite_paths(self, text: str, source: Source,
                      scratch: Optional[str]) -> str:
     if scratch:
@@ -322,10 +331,20 @@ class BatchRunner:
       for inner in (os.path.join(scratch, name), scratch):
         text = text.replace(inner, source.location)
     if source.kind == KIND_URL:
-      cached = os.path.join(self.tfhub_cache,
-                            hashlib.sha1(source.location.encode()).hexdigest())
-      text = text.replace(cached, source.location)
+      text = text.replace(self._url_cache_dir(source), source.location)
     return text
+
+  def _family(self, source: Source, scratch: Optional[str]) -> str:
+    """The module's family, read where the worker found the module (an
+    archive's extraction, a URL's download): `unknown` if it got no module."""
+    if source.kind == KIND_DIRECTORY:
+      return batch_family.family(source.location)
+    if source.kind == KIND_URL:
+      return batch_family.family(self._url_cache_dir(source))
+    if scratch:
+      name = sources_lib.archive_stem(os.path.basename(source.location))
+      return batch_family.family(sources_lib.module_root(os.path.join(scratch, name)))
+    return batch_family.UNKNOWN
 
   def process(self, source: Source, sha: Optional[str],
               size: int = 0) -> Optional[ModuleOutcome]:
@@ -334,11 +353,13 @@ class BatchRunner:
       return None
     self.emit("started", module=source.location)
     outcome = self.convert(source, sha, size)
-    if self.cancelled.is_set() or (
+    if outcome.failed and (self.cancelled.is_set() or (
         outcome.exit_code == errors.ExitCode.INTERNAL
-        and "(KeyboardInterrupt" in (outcome.error or "")):
+        and "(KeyboardInterrupt" in (outcome.error or ""))):
       # Interrupted (Ctrl-C reaches the workers too): not recorded, redone
-      # by the next run; the main thread is about to stop the batch.
+      # by the next run; the main thread is about to stop the batch. A
+      # module converted before the interruption is recorded: the next run
+      # does not convert it again.
       return None
     self.record(source, outcome)
     self.emit("finished", module=source.location, outcome=outcome)
@@ -427,6 +448,7 @@ class BatchRunner:
           f"{source.destination}: expected a writable output directory, found "
           f"{type(e).__name__}: {e}")
     finally:
+      outcome.family = self._family(source, scratch)
       if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     with self._dirs_lock:

@@ -295,12 +295,21 @@ def extract_archive(archive: str, dest: str, *,
     raise corrupt(f"{type(e).__name__}: {e}") from None
   except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
     raise corrupt(f"{type(e).__name__}: {e}") from None
-  if not os.path.isfile(os.path.join(dest, preflight.MODULE_DEF_FILENAME)):
-    entries = os.listdir(dest)
+  return module_root(dest)
+
+
+def module_root(extracted: str) -> str:
+  """The module directory of an extracted archive: `extracted`, or its only
+  subdirectory if the module's files sit one level down."""
+  if not os.path.isfile(os.path.join(extracted, preflight.MODULE_DEF_FILENAME)):
+    try:
+      entries = os.listdir(extracted)
+    except OSError:
+      return extracted
     if len(entries) == 1 and os.path.isfile(
-        os.path.join(dest, entries[0], preflight.MODULE_DEF_FILENAME)):
-      return os.path.join(dest, entries[0])
-  return dest
+        os.path.join(extracted, entries[0], preflight.MODULE_DEF_FILENAME)):
+      return os.path.join(extracted, entries[0])
+  return extracted
 
 
 def resolve_url(url: str, cache_dir: str) -> str:

@@ -128,9 +128,10 @@ def _run_flags(parser: argparse.ArgumentParser, *, batch: bool = False) -> None:
       "it the module fails with exit code 13. Default: 3/4 of the machine's "
       "memory shared by the processes that run at once (2 per conversion, 1 "
       "per batch worker), at least 2 GiB; 0: no limit"))
-  g.add_argument("--report", metavar="FILE.json,FILE.csv" if batch else "FILE.json",
-                 help=("write the batch report to these files (JSON or CSV, by "
-                       "extension)" if batch else
+  g.add_argument("--report",
+                 metavar="FILE.json,FILE.csv,FILE.html" if batch else "FILE.json",
+                 help=("write the batch report to these files (JSON, CSV or a "
+                       "sortable HTML page, by extension)" if batch else
                        "write the parity report as JSON to this file"))
   g.add_argument("--verbose", action=_Bool,
                  help="on an internal error, print the traceback")
@@ -514,8 +515,14 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
   import functools  # pylint: disable=g-import-not-at-top
   import time
   from migrate import batch
+  from migrate import batch_report
   from migrate import errors
   options = _options(args)
+  try:
+    for path in _report_paths(args):
+      batch_report.report_format(path)
+  except errors.UsageError as e:
+    raise _UsageError(str(e)) from None
   _check_reports_outside(args, src_root)
   manifest = getattr(args, "manifest", None)
   if manifest:
@@ -593,7 +600,7 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
   finally:
     if bar is not None:
       bar.close()
-  _print_out(report.format_table())
+  _print_out(report.format_summary())
   for path in _report_paths(args):
     report.write(path)
   return report.exit_code

@@ -36,6 +36,18 @@ def convertible_fixture_names() -> list[str]:
   return [n for n in fixture_names() if not golden_meta(n).get("expect_refusal")]
 
 
+# The family (`migrate.batch_family`) of each committed fixture: the root
+# scope of its variables, as the builders in legacy_fixtures/generate.py name it.
+FIXTURE_FAMILIES = {
+    "classifier_probabilities": "classifier", "efficientnet_defun_swish": "efficientnet",
+    "efficientnet_tf2_swish": "efficientnet", "inception_v2_tiny": "inception_v2",
+    "inception_v3_tiny": "inception_v3", "inference_only_asset": "assetnet",
+    "mobilenet_quantops": "mobilenet_v1", "mobilenet_v1_bn_hparams": "mobilenet_v1",
+    "nasnet_cell_droppath": "nasnet", "refvars_bn": "refnet",
+    "resnet_v2_tiny": "resnet_v2", "text_module": "embeddings",
+}
+
+
 def golden_meta(name: str) -> dict:
   with open(os.path.join(GOLDENS, f"{name}.json"), encoding="utf-8") as f:
     return json.load(f)

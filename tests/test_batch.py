@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import functools
+import html.parser
 import http.server
 import io
 import json
@@ -29,7 +30,7 @@ from migrate import batch_sources
 from migrate import batch_state
 from migrate import errors
 from tests import proctree
-from tests.conftest import REPO, convertible_fixture_names, module_path
+from tests.conftest import FIXTURE_FAMILIES, REPO, convertible_fixture_names, module_path
 
 SMALL = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
 TEMP_MARKS = (".migrate-tmp-", ".migrate-old-", ".tmp-")
@@ -195,46 +196,95 @@ def test_archive_extraction_is_safe(tmp_path):
 
 # -- real batches ----------------------------------------------------------------
 
-def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path):
-  """The whole corpus + a truncated copy + the text module, via the CLI."""
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory):
+  """The whole corpus (one module as an archive) + a truncated copy, a
+  truncated archive and the text module, through the CLI, with every report
+  format. Shared by the tests below: the conversions run once."""
+  tmp_path = tmp_path_factory.mktemp("corpus")
   src, dst = tmp_path / "src", tmp_path / "dst"
   good = convertible_fixture_names()
+  archived = good[1]
   for name in good:
-    _copy_module(name, str(src / "corpus" / name))
+    if name == archived:
+      _make_archive(name, str(src / "corpus" / f"{name}.tar.gz"))
+    else:
+      _copy_module(name, str(src / "corpus" / name))
   _copy_module("text_module", str(src / "corpus" / "text_module"))
   _truncated_copy("refvars_bn", str(src / "broken" / "refvars_truncated"))
-  report_json, report_csv = tmp_path / "r.json", tmp_path / "r.csv"
+  cut = _make_archive("classifier_probabilities", str(src / "broken" / "cut.tar.gz"))
+  os.truncate(cut, os.path.getsize(cut) * 2 // 3)
+  reports = {ext: tmp_path / f"r.{ext}" for ext in ("json", "csv", "html")}
   proc = _cli("batch", str(src), str(dst), "--jobs=2",
-              f"--report={report_json},{report_csv}")
+              "--report=" + ",".join(str(p) for p in reports.values()))
+  return dict(src=src, dst=dst, good=good, archived=archived, proc=proc,
+              reports=reports, report=json.loads(reports["json"].read_text()))
+
+
+def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(corpus_run):
+  """Every module converted and verified or failed with its cause; the end of
+  the run summarised in a screen; a rerun does no work."""
+  src, dst, good, proc = (corpus_run[k] for k in ("src", "dst", "good", "proc"))
+  report_json, report_csv = corpus_run["reports"]["json"], corpus_run["reports"]["csv"]
   assert proc.returncode == errors.ExitCode.BATCH_FAILURES, proc.stderr
-  report = json.loads(report_json.read_text())
+  report = corpus_run["report"]
   modules = _by_dest(report)
-  assert report["counts"] == {"total": len(good) + 2, "converted": len(good),
-                              "skipped (up to date)": 0, "failed": 2}
+  assert report["counts"] == {"total": len(good) + 3, "converted": len(good),
+                              "skipped (up to date)": 0, "failed": 3}
   for name in good:
     m = modules[f"corpus/{name}"]
     assert m["status"] == "converted", m
+    assert m["family"] == FIXTURE_FAMILIES[name], m
     assert m["parity_passed"] is True and m["parity_checks"] >= 10, m
     assert m["parity_failures"] == 0 and "parity passed" in m["parity_summary"]
     assert m["stage_seconds"]["verify"] > 0 and m["seconds"] > 0
     _assert_complete_model(str(dst / "corpus" / name))
+  assert modules[f"corpus/{corpus_run['archived']}"]["kind"] == "archive"
   text = modules["corpus/text_module"]
   assert (text["status"], text["exit_code"]) == ("failed", errors.ExitCode.UNSUPPORTED)
-  assert "text module" in text["error"]
+  assert "text module" in text["error"] and text["family"] == "embeddings"
   broken = modules["broken/refvars_truncated"]
   assert (broken["status"], broken["exit_code"]) == ("failed", errors.ExitCode.CORRUPT)
   assert "saved_model.pb" in broken["error"] and "\n" not in broken["error"]
+  assert broken["family"] == "refnet", "its variables are intact"
+  cut = modules["broken/cut"]
+  assert (cut["status"], cut["exit_code"]) == ("failed", errors.ExitCode.CORRUPT)
+  assert "gzipped tar archive" in cut["error"] and cut["family"] == "unknown"
   assert not os.path.exists(dst / "corpus" / "text_module")
   assert not os.path.exists(dst / "broken"), "no output (or empty dir) for a failure"
-  # The summary table names every module; failures say why, on stderr too.
-  for name in good:
-    assert f"corpus/{name}" in proc.stdout
-  assert "2 failed" in proc.stdout
+
+  # The end of the run: counts by family, failures by cause with one example
+  # each, the slowest five, the counts; no line per converted module.
+  lines = proc.stdout.splitlines()
+  families: dict = {}
+  for m in report["modules"]:
+    row = families.setdefault(m["family"], [0, 0, 0, 0])
+    row[0] += 1
+    row[{"converted": 1, "failed": 3}[m["status"]]] += 1
+  table_end = lines.index("failures by cause (3 modules, 3 causes):")
+  assert lines[0].split() == ["family", "modules", "converted", "up", "to", "date", "failed"]
+  assert {l.split()[0]: [int(v) for v in l.split()[1:]]
+          for l in lines[1:table_end]} == families, proc.stdout
+  failures = lines[table_end + 1:table_end + 7]
+  for code, words, example in ((5, "found a text module", text),
+                               (6, "expected a SavedModel protocol buffer", broken),
+                               (6, "expected a gzipped tar archive", cut)):
+    cause = next(i for i, l in enumerate(failures) if words in l)
+    assert failures[cause].split()[:3] == ["1", "exit", str(code)], failures
+    assert failures[cause + 1].split() == ["e.g.", example["source"]]
+  slowest = sorted(report["modules"], key=lambda m: -m["seconds"])[:5]
+  assert lines[table_end + 7] == "slowest:"
+  assert [l.split()[1] for l in lines[table_end + 8:-1]] == [
+      os.path.relpath(m["destination"], dst) for m in slowest]
+  assert lines[-1].startswith(f"{len(good) + 3} modules: {len(good)} converted and "
+                              f"verified, 0 up to date, 3 failed, in "), lines[-1]
   assert "FAILED" in proc.stderr and "text module" in proc.stderr
   with open(report_csv, newline="", encoding="utf-8") as f:
     rows = {os.path.relpath(r["destination"], dst): r for r in csv.DictReader(f)}
   assert rows["broken/refvars_truncated"]["exit_code"] == "6"
   assert int(rows[f"corpus/{good[0]}"]["parity_checks"]) >= 10
+  assert {k: r["family"] for k, r in rows.items()} == {
+      k: m["family"] for k, m in modules.items()}
   _load_and_call([str(dst / "corpus" / good[0]), str(dst / "corpus" / good[-1])])
   assert _leftovers(str(dst)) == []
   assert sorted(os.listdir(dst)) == [batch.STATE_FILENAME, "corpus"]
@@ -249,17 +299,109 @@ def test_corpus_batch_converts_verifies_reports_and_reruns_without_work(tmp_path
   report = json.loads(report_json.read_text())
   modules = _by_dest(report)
   assert report["counts"]["skipped (up to date)"] == len(good)
-  assert report["counts"]["converted"] == 0 and report["counts"]["failed"] == 2
+  assert report["counts"]["converted"] == 0 and report["counts"]["failed"] == 3
   for name in good:
     m = modules[f"corpus/{name}"]
     assert m["status"] == "skipped (up to date)" and m["seconds"] == 0
     assert m["parity_checks"] >= 10, "the skip reports the recorded parity"
+    assert m["family"] == FIXTURE_FAMILIES[name], "the skip reports the recorded family"
     assert os.stat(dst / "corpus" / name / "saved_model.pb").st_mtime_ns == mtimes[name]
   state_after = _state(str(dst))
   for name in good:
     assert state_after[f"corpus/{name}"] == state_before[f"corpus/{name}"]
   assert state_after["corpus/text_module"]["finished_at"] >= state_before[
       "corpus/text_module"]["finished_at"]
+
+
+class _Tables(html.parser.HTMLParser):
+  """The tables of a page: id -> (header cells with their class, rows of cell texts)."""
+
+  def __init__(self):
+    super().__init__()
+    self.tables: dict = {}
+    self._table = self._row = self._cell = None
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "table":
+      self._table = self.tables.setdefault(attrs.get("id"), ([], []))
+    elif tag == "tr" and self._table is not None:
+      self._row = []
+    elif tag in ("td", "th") and self._row is not None:
+      self._cell = [tag, attrs.get("class") or "", ""]
+
+  def handle_data(self, data):
+    if self._cell is not None:
+      self._cell[2] += data
+
+  def handle_endtag(self, tag):
+    if tag in ("td", "th") and self._cell is not None:
+      self._row.append(self._cell)
+      self._cell = None
+    elif tag == "tr" and self._row is not None:
+      if self._row and self._row[0][0] == "th":
+        self._table[0].extend((c[2], c[1]) for c in self._row)
+      else:
+        self._table[1].append([c[2] for c in self._row])
+      self._row = None
+    elif tag == "table":
+      self._table = None
+
+
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=(
+    "Debian's chromium is not installed (apt-get install --no-install-recommends "
+    "chromium; .ci/run does): the HTML report is not opened in a browser"))
+def test_the_html_report_opens_in_a_headless_browser(corpus_run, tmp_path):
+  """The page, as Chromium has it after its script ran: every table there,
+  every module a row with its family and parity; `#sort=-seconds` in the
+  link puts the slowest first."""
+  report = corpus_run["report"]
+  url = corpus_run["reports"]["html"].as_uri() + "#sort=-seconds"
+  home = tmp_path / "home"
+  home.mkdir()
+  proc = subprocess.Popen(
+      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+       "--disable-background-networking", "--disable-component-update",
+       "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+      env=dict(os.environ, HOME=str(home)), stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+  try:
+    dom, _ = proc.communicate(timeout=120)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)  # Its helpers, if any outlived it.
+    except ProcessLookupError:
+      pass
+    proc.wait()
+  assert proc.returncode == 0 and "</html>" in dom, dom[-2000:]
+  parser = _Tables()
+  parser.feed(dom)
+  tables = parser.tables
+  assert {"families", "failures", "slowest", "modules"} <= set(tables), list(tables)
+  header, rows = tables["modules"]
+  names = [h for h, _ in header]
+  assert names == ["module", "family", "status", "exit", "seconds", "parity", "error"]
+  assert dict(header)["seconds"] == "desc", "the page's script sorted the table"
+  assert len(rows) == len(report["modules"])
+  by_module = {os.path.relpath(m["destination"], report["dst_root"]): m
+               for m in report["modules"]}
+  for row in rows:
+    m = by_module[row[0]]
+    assert row[1:4] == [m["family"], m["status"], str(m["exit_code"])], row
+    assert row[5] == (m["parity_summary"] or "") and row[6] == (m["error"] or "")
+  seconds = [float(r[4]) for r in rows]
+  assert seconds == sorted(seconds, reverse=True)
+  slowest = max(report["modules"], key=lambda m: m["seconds"])
+  assert rows[0][0] == os.path.relpath(slowest["destination"], report["dst_root"])
+  # The summary tables: one row per family, per cause, and the slowest five.
+  assert sorted(r[0] for r in tables["families"][1]) == sorted(
+      {m["family"] for m in report["modules"]})
+  assert sorted(r[0] for r in tables["failures"][1]) == ["1", "1", "1"]
+  assert [r[0] for r in tables["slowest"][1]] == [r[0] for r in rows[:5]]
 
 
 def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path):
@@ -319,24 +461,28 @@ def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path
   assert _leftovers(str(dst)) == []
 
 
-def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
-  """SIGTERM while a module is being staged: exit 143, one line, the workers
-  gone and their staging directories removed at once (not by the next run)."""
+def test_sigterm_mid_batch_says_so_and_a_rerun_converts_each_module_once(tmp_path):
+  """SIGTERM after a module is recorded, while another is being staged: exit
+  143, one line, the workers gone and their staging directories removed at
+  once (not by the next run). The rerun converts what the first run did not,
+  and nothing else: every module is converted in exactly one of the runs."""
   src, dst = tmp_path / "src", tmp_path / "dst"
-  for name in ("classifier_probabilities", "inference_only_asset"):
+  names = ("classifier_probabilities", "inference_only_asset", "refvars_bn")
+  for name in names:
     _copy_module(name, str(src / name))
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(
       [sys.executable, "-m", "migrate.cli", "batch", str(src), str(dst), "--jobs=2"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   workers: set[int] = set()
+  state = dst / batch.STATE_FILENAME
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and proc.poll() is None:
     workers |= set(proctree.children(proc.pid))
-    if any(".migrate-tmp-" in p for p in _leftovers(str(dst))):
+    if state.exists() and any(".migrate-tmp-" in p for p in _leftovers(str(dst))):
       break
     time.sleep(0.02)
-  assert proc.poll() is None, "the batch finished before it staged anything"
+  assert proc.poll() is None, "the batch finished before it staged a second module"
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == errors.ExitCode.TERMINATED, err
@@ -348,6 +494,44 @@ def test_sigterm_mid_batch_says_so_and_leaves_nothing_beside_dst(tmp_path):
     time.sleep(0.2)
   assert not any(proctree.alive(w) for w in workers), "workers die with the batch"
   assert _leftovers(str(dst)) == []
+  # What the first run converted is recorded; what it did not left nothing.
+  first = _state(str(dst))
+  assert 1 <= len(first) < len(names), first
+  assert all(r["status"] == "converted" for r in first.values()), first
+  for name in names:
+    assert (dst / name).exists() == (name in first), name
+  mtimes = {n: os.stat(dst / n / "saved_model.pb").st_mtime_ns for n in first}
+
+  proc = _cli("batch", str(src), str(dst), "--jobs=2", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = _by_dest(json.loads((tmp_path / "r.json").read_text()))
+  converted_again = [n for n in first if report[n]["status"] != "skipped (up to date)"]
+  assert converted_again == [], "converted twice"
+  assert sorted(n for n in names if report[n]["status"] == "converted") == sorted(
+      set(names) - set(first))
+  second = _state(str(dst))
+  for name in first:
+    assert second[name] == first[name]
+    assert os.stat(dst / name / "saved_model.pb").st_mtime_ns == mtimes[name]
+  for name in names:
+    _assert_complete_model(str(dst / name))
+  assert _leftovers(str(dst)) == []
+
+
+def test_a_module_converted_as_the_batch_is_interrupted_is_recorded(tmp_path):
+  """The interruption (Ctrl-C, SIGTERM) cancels the batch while a worker is
+  finishing: its module, converted, is recorded, so the next run skips it."""
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  _copy_module("classifier_probabilities", str(src / "m"))
+  sources = batch.discover(str(src), str(dst))
+  runner = batch.BatchRunner(str(dst), batch.ConvertOptions(verify=False), jobs=1)
+  runner.on_progress = lambda p: p.event == "started" and runner.cancelled.set()
+  report = runner.run(sources, batch.LocalExecutor(None))
+  assert runner.cancelled.is_set()
+  assert [m.status for m in report.modules] == ["converted"], report.format_table()
+  assert _state(str(dst))["m"]["status"] == "converted"
+  again = batch.run_batch(sources, str(dst), verify=False, jobs=1)
+  assert [m.status for m in again.modules] == [batch.STATUS_SKIPPED]
 
 
 def test_planning_refuses_special_files_and_links_without_blocking(tmp_path):
@@ -545,6 +729,7 @@ def test_beam_direct_runner_converts_two_fixtures(tmp_path):
           for m in report.modules] == [("archives/refvars", "converted", True),
                                        ("clf", "converted", True)], report.format_table()
   assert all(m.parity_checks >= 10 for m in report.modules)
+  assert [m.family for m in report.modules] == ["refnet", "classifier"]
   for m in report.modules:
     _assert_complete_model(m.destination)
   assert _leftovers(str(dst)) == []

@@ -78,6 +78,11 @@ def test_version():
     (["a", "b.keras", "--format=savedmodel"],
      "--format=savedmodel writes a directory: DST may not end in .keras, found b.keras"),
     (["a", "b", "--sig=x"], "Unknown command line flag 'sig'"),  # No abbreviations.
+    # Checked before anything is read: SRC_ROOT 'a' does not exist.
+    (["batch", "a", "b", "--report=r.json,r.txt"],
+     "r.txt: expected a report file ending in .json, .csv or .html, found '.txt'"),
+    (["batch", "a", "b", "--report=report"],
+     "report: expected a report file ending in .json, .csv or .html, found no extension"),
 ])
 def test_a_wrong_command_line_is_one_line_and_exit_2(args, line):
   run = _cli(*args)
