@@ -75,13 +75,7 @@ def make_trees(catalog: str, work: str, sizes: list[int]) -> dict[int, str]:
 
 
 def _reports(prefix: str) -> list[str]:
-  return [f"{prefix}.{ext}" for ext in REPORT_EXTENSIONS
-          if ext != "html" or _html_supported()]
-
-
-def _html_supported() -> bool:
-  return "html" in getattr(batch_report, "REPORT_FORMATS", ("html",)) or hasattr(
-      batch_report.BatchReport, "to_html")
+  return [f"{prefix}.{ext}" for ext in REPORT_EXTENSIONS]
 
 
 def run_cli(argv: list[str], state: str, interval: float = 0.5,
@@ -258,7 +252,7 @@ def main() -> int:
       p_b = os.path.join(args.work, f"beam{n}")
       run = run_cli(["batch", trees[n], dst_b, "--report=" + p_b + ".json",
                      "--beam_args=--runner=DirectRunner --direct_num_workers=2 "
-                     "--direct_running_mode=multi_processing"],
+                     "--direct_running_mode=multi_threading"],
                     os.path.join(dst_b, batch_state.STATE_FILENAME),
                     python=args.beam_python)
       if os.path.exists(p_b + ".json"):
