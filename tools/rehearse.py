@@ -146,12 +146,36 @@ def check_outcomes(catalog: str, report: dict, src_root: str) -> list[str]:
   return problems
 
 
-def resume_breakdown(src: str, dst: str, jobs: int, out_prefix: str) -> dict:
-  """Discovery, the resume (hash + state, nothing to convert) and each
-  report file, timed in this process."""
+def _state_converted(state: str) -> set[str]:
+  """The destinations a batch's state file records as converted."""
+  with open(state, encoding="utf-8") as f:
+    records = json.load(f).get("modules", {})
+  return {r.get("destination", key) for key, r in records.items()
+          if r.get("status") == "converted"}
+
+
+def write_manifest(tree: str, work: str, n: int) -> str:
+  """A manifest of the archives in `tree` (relative paths: they resolve under
+  the largest tree, where the same archives are)."""
+  path = os.path.join(work, f"manifest{n}.csv")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("source,destination\n")
+    for root, _, files in sorted(os.walk(tree)):
+      for name in sorted(files):
+        rel = os.path.relpath(os.path.join(root, name), tree)
+        f.write(f"{rel},{rel[:-len('.tar.gz')]}\n")
+  return path
+
+
+def resume_breakdown(tree: str, src_root: str, dst: str, manifest: str | None,
+                     jobs: int, out_prefix: str) -> dict:
+  """Discovery (a scan of `tree`), the resume (hash + state, nothing to
+  convert) and each report file, timed in this process."""
   t = time.monotonic()
-  sources = batch_sources.discover(src, dst)
+  discovered = batch_sources.discover(tree, dst)
   discover_s = time.monotonic() - t
+  sources = (batch_sources.read_manifest(manifest, src_root, dst) if manifest
+             else discovered)
   t = time.monotonic()
   report = batch.run_batch(sources, dst, jobs=jobs)
   resume_s = time.monotonic() - t
@@ -161,7 +185,8 @@ def resume_breakdown(src: str, dst: str, jobs: int, out_prefix: str) -> dict:
     report.write(path)
     writes[os.path.splitext(path)[1][1:]] = (round(time.monotonic() - t, 3),
                                              os.path.getsize(path))
-  return {"modules": len(sources), "discover_s": round(discover_s, 3),
+  return {"modules": len(sources), "discovered": len(discovered),
+          "discover_s": round(discover_s, 3),
           "resume_s": round(resume_s, 3), "skipped": report.counts[batch_report.STATUS_SKIPPED],
           "report_write_s_bytes": writes}
 
@@ -174,6 +199,10 @@ def main() -> int:
   p.add_argument("--jobs", type=int, default=2)
   p.add_argument("--interrupt", action="store_true")
   p.add_argument("--beam_python", default=None)
+  p.add_argument("--beam_sizes", default=None,
+                 help="sizes run through Beam (default: the smallest and the largest)")
+  p.add_argument("--skip_batch", action="store_true",
+                 help="only the Beam runs (of an earlier rehearsal's trees)")
   p.add_argument("--json", default=None)
   args = p.parse_args()
   sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -184,69 +213,72 @@ def main() -> int:
             "jobs": args.jobs, "sizes": sizes}
   largest = sizes[-1]
 
-  # 1. The conversion of the largest size, as a user runs it.
-  dst = os.path.join(args.work, "dst")
-  shutil.rmtree(dst, ignore_errors=True)
-  state = os.path.join(dst, batch_state.STATE_FILENAME)
-  prefix = os.path.join(args.work, f"report{largest}")
-  run = run_cli(["batch", trees[largest], dst, f"--jobs={args.jobs}",
-                 "--report=" + ",".join(_reports(prefix))], state)
-  with open(prefix + ".json", encoding="utf-8") as f:
-    report = json.load(f)
-  run["modules_per_minute"] = timeline(report, sizes)
-  run["counts"] = report["counts"]
-  run["unexpected"] = check_outcomes(args.catalog, report, trees[largest])
-  result["convert"] = run
-  print(json.dumps({k: v for k, v in run.items() if k not in ("samples", "stdout_tail")},
-                   indent=1), flush=True)
+  if not args.skip_batch:
+    # 1. The conversion of the largest size, as a user runs it.
+    dst = os.path.join(args.work, "dst")
+    shutil.rmtree(dst, ignore_errors=True)
+    state = os.path.join(dst, batch_state.STATE_FILENAME)
+    prefix = os.path.join(args.work, f"report{largest}")
+    run = run_cli(["batch", trees[largest], dst, f"--jobs={args.jobs}",
+                   "--report=" + ",".join(_reports(prefix))], state)
+    with open(prefix + ".json", encoding="utf-8") as f:
+      report = json.load(f)
+    run["modules_per_minute"] = timeline(report, sizes)
+    run["counts"] = report["counts"]
+    run["unexpected"] = check_outcomes(args.catalog, report, trees[largest])
+    result["convert"] = run
+    print(json.dumps({k: v for k, v in run.items() if k not in ("samples", "stdout_tail")},
+                     indent=1), flush=True)
 
-  # 2. Each size again: nothing to do; discovery + resume + report.
-  result["rerun"] = {}
-  for n in sizes:
-    p_n = os.path.join(args.work, f"rerun{n}")
-    cli = run_cli(["batch", trees[n], dst, f"--jobs={args.jobs}",
-                   "--report=" + ",".join(_reports(p_n))], state)
-    parts = resume_breakdown(trees[n], dst, args.jobs, p_n + "-inproc")
-    result["rerun"][n] = {"cli_seconds": cli["seconds"], "returncode": cli["returncode"],
-                          "state_bytes": cli["state_bytes"], **parts}
-    print(n, json.dumps(result["rerun"][n]), flush=True)
+    # 2. Each size again: nothing to do; discovery + resume + report. The
+    # smaller sizes are manifests of the largest tree's modules (a record is
+    # up to date only for the same source path), the largest is the tree.
+    result["rerun"] = {}
+    for n in sizes:
+      p_n = os.path.join(args.work, f"rerun{n}")
+      manifest = None if n == largest else write_manifest(trees[n], args.work, n)
+      cli = run_cli(["batch", trees[largest], dst, f"--jobs={args.jobs}",
+                     "--report=" + ",".join(_reports(p_n))]
+                    + ([f"--manifest={manifest}"] if manifest else []), state)
+      parts = resume_breakdown(trees[n], trees[largest], dst, manifest, args.jobs,
+                               p_n + "-inproc")
+      result["rerun"][n] = {"cli_seconds": cli["seconds"], "returncode": cli["returncode"],
+                            "state_bytes": cli["state_bytes"], **parts}
+      print(n, json.dumps(result["rerun"][n]), flush=True)
 
-  # 3. An interrupted run, resumed: no module converted twice.
-  if args.interrupt:
-    n = sizes[0]
-    dst_i = os.path.join(args.work, "dst-interrupted")
-    shutil.rmtree(dst_i, ignore_errors=True)
-    state_i = os.path.join(dst_i, batch_state.STATE_FILENAME)
-    first = run_cli(["batch", trees[n], dst_i, f"--jobs={args.jobs}",
-                     f"--report={args.work}/interrupted1.json"], state_i,
-                    interrupt_after=n // 3)
-    second = run_cli(["batch", trees[n], dst_i, f"--jobs={args.jobs}",
-                      f"--report={args.work}/interrupted2.json"], state_i)
-    converted = []
-    for name in ("interrupted1.json", "interrupted2.json"):
-      path = os.path.join(args.work, name)
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          converted.append({m["destination"] for m in json.load(f)["modules"]
-                            if m["status"] == "converted"})
-      else:
-        converted.append(set())
-    with open(os.path.join(args.work, "interrupted2.json"), encoding="utf-8") as f:
-      final = json.load(f)
-    result["interrupt"] = {
-        "modules": n, "first_returncode": first["returncode"],
-        "first_interrupted": first["interrupted"],
-        "first_report_written": bool(converted[0]),
-        "second_returncode": second["returncode"],
-        "converted_first": len(converted[0]), "converted_second": len(converted[1]),
-        "converted_twice": sorted(converted[0] & converted[1]),
-        "unexpected": check_outcomes(args.catalog, final, trees[n])}
-    print(json.dumps(result["interrupt"], indent=1), flush=True)
+    # 3. An interrupted run, resumed: no module converted twice.
+    if args.interrupt:
+      n = sizes[0]
+      dst_i = os.path.join(args.work, "dst-interrupted")
+      shutil.rmtree(dst_i, ignore_errors=True)
+      state_i = os.path.join(dst_i, batch_state.STATE_FILENAME)
+      first = run_cli(["batch", trees[n], dst_i, f"--jobs={args.jobs}",
+                       f"--report={args.work}/interrupted1.json"], state_i,
+                      interrupt_after=n // 3)
+      after_first = _state_converted(state_i)
+      second = run_cli(["batch", trees[n], dst_i, f"--jobs={args.jobs}",
+                        f"--report={args.work}/interrupted2.json"], state_i)
+      with open(os.path.join(args.work, "interrupted2.json"), encoding="utf-8") as f:
+        final = json.load(f)
+      # What the first run recorded as converted (its state: an interrupted
+      # run writes no report), and what the second converted again.
+      converted = [after_first, {m["destination"] for m in final["modules"]
+                                 if m["status"] == "converted"}]
+      result["interrupt"] = {
+          "modules": n, "first_returncode": first["returncode"],
+          "first_interrupted": first["interrupted"],
+          "second_returncode": second["returncode"],
+          "converted_first": len(converted[0]), "converted_second": len(converted[1]),
+          "converted_twice": sorted(converted[0] & converted[1]),
+          "unexpected": check_outcomes(args.catalog, final, trees[n])}
+      print(json.dumps(result["interrupt"], indent=1), flush=True)
 
   # 4. The Beam DirectRunner, 2 workers.
   if args.beam_python:
     result["beam"] = {}
-    for n in sorted({sizes[0], largest}):
+    beam_sizes = ([int(v) for v in args.beam_sizes.split(",")] if args.beam_sizes
+                  else sorted({sizes[0], largest}))
+    for n in beam_sizes:
       dst_b = os.path.join(args.work, f"dst-beam{n}")
       shutil.rmtree(dst_b, ignore_errors=True)
       p_b = os.path.join(args.work, f"beam{n}")
