@@ -157,12 +157,14 @@ def markdown(results: list[dict], machine: str, date: str, load: str) -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--modules", default=",".join(DEFAULT_MODULES))
-  parser.add_argument("--modes", default="noverify,verify")
+  parser.add_argument("--modes", default="noverify,verify",
+                      help="noverify, verify (the default consumers), verify_all")
   parser.add_argument("--interval", type=float, default=0.05)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--full_dir", default=FULL, help="where the full-size modules are")
   args = parser.parse_args()
   names = [n for n in args.modules.split(",") if n]
-  missing = [n for n in names if not os.path.isdir(os.path.join(FULL, n))]
+  missing = [n for n in names if not os.path.isdir(os.path.join(args.full_dir, n))]
   if missing:
     print(f"missing full-size modules {missing}: run legacy_fixtures/generate.py --full NAME "
           f"in the legacy venv", file=sys.stderr)
@@ -173,12 +175,16 @@ def main() -> int:
   results = []
   try:
     for name in names:
-      src = os.path.join(FULL, name)
+      src = os.path.join(args.full_dir, name)
       for mode in args.modes.split(","):
         dst = os.path.join(work, f"{name}-{mode}")
         argv = [sys.executable, "-m", "migrate.cli", src, dst]
         if mode == "noverify":
           argv.append("--noverify")
+        elif mode == "verify_all":  # Every consumer: TFLite and the fit steps too.
+          argv.append("--consumers=all")
+        elif mode != "verify":
+          raise SystemExit(f"unknown mode {mode!r}: noverify, verify or verify_all")
         print(f"{name} ({mode}) ...", file=sys.stderr, flush=True)
         result = measure(argv, args.interval)
         result.update(module=name, mode=mode,
