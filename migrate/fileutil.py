@@ -235,11 +235,14 @@ def directory_size(path: str) -> int:
 
 def atomic_write(path: str, text: str) -> None:
   """Writes `text` to `path` through a temporary file beside it (fsync,
-  rename): a reader sees the old file or the new one, never a part."""
+  rename): a reader sees the old file or the new one, never a part. The
+  file's mode follows the umask, as `open(path, "w")` would make it (a
+  temporary file is private)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-",
                              dir=directory)
   try:
+    os.fchmod(fd, 0o666 & ~current_umask())
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
