@@ -508,13 +508,13 @@ def test_the_default_selection_has_no_rows_for_what_it_skips():
 
 # (row, tolerance entry, where a consumer's value lives in `actual`).
 CONSUMER_NUMERIC = {
-    "consumer/tf1_loader": ("inference", lambda a: a.consumers["tf1_loader"].outputs[
+    "consumer/tf1_loader": ("consumer_loader", lambda a: a.consumers["tf1_loader"].outputs[
         ("default", TAGS[0])]["default"]),
-    "consumer/c_api_loader": ("inference", lambda a: a.consumers["c_api_loader"].outputs[
+    "consumer/c_api_loader": ("consumer_loader", lambda a: a.consumers["c_api_loader"].outputs[
         ("serving_default", TAGS[1])]["default"]),
     "consumer/tflite": ("consumer_tflite", lambda a: a.consumers["tflite"].outputs[
         ("serving_default", TAGS[1])]["default"]),
-    "consumer/keras3_tfsm_layer": ("inference", lambda a: a.consumers[
+    "consumer/keras3_tfsm_layer": ("consumer_loader", lambda a: a.consumers[
         "keras3_tfsm_layer"].outputs[("serve", TAGS[0])][consumers.CALL_OUTPUT]),
     "consumer/tf_keras_hub_layer/fit": ("moving_averages", lambda a: a.consumers[
         "tf_keras_hub_layer"].fit.non_trainable_after["mean"]),
