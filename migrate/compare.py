@@ -110,11 +110,15 @@ def compare(name: str, actual: Any, expected: Any,
 def compare_many(name: str, actual: Mapping[str, Any],
                  expected: Mapping[str, Any],
                  tolerance: "tolerances_lib.Tolerance | str", *,
-                 scale: float = 1.0, check_dtype: bool = True) -> CheckResult:
+                 scale: float = 1.0, scale_each: bool = False,
+                 check_dtype: bool = True) -> CheckResult:
   """`compare` for named arrays (e.g. per variable), folded into one result.
 
   Fails when a name is missing on either side; the detail names the worst
-  entry and how many entries failed.
+  entry and how many entries failed. With `scale_each`, each entry's atol is
+  relative to its own largest expected magnitude (outputs of other scales,
+  such as logits and pooled features, side by side); the result's `atol` is
+  then that relative figure.
   """
   tol = _tolerance(tolerance)
   result = CheckResult(name=name, passed=False, rtol=tol.rtol,
@@ -123,7 +127,12 @@ def compare_many(name: str, actual: Mapping[str, Any],
   extra = sorted(set(actual) - set(expected))
   failures = []
   for key in sorted(set(expected) & set(actual)):
-    r = compare(key, actual[key], expected[key], tol, scale=scale,
+    entry_scale = scale
+    if scale_each:
+      e = np.asarray(expected[key], np.float64)
+      finite = np.abs(e[np.isfinite(e)]) if e.size else e
+      entry_scale = scale * max(float(finite.max()) if finite.size else 0.0, 1.0)
+    r = compare(key, actual[key], expected[key], tol, scale=entry_scale,
                 check_dtype=check_dtype)
     result.max_abs_err = max(result.max_abs_err, r.max_abs_err
                              if r.max_abs_err is not None else float("inf"))

@@ -396,12 +396,13 @@ def _consumer(actual: Actual, consumer: str, name: str
   return result, None
 
 
-def _consumer_signatures(consumer: str, serving_default_only: bool
-                         ) -> Callable[..., Results]:
+def _consumer_signatures(consumer: str, serving_default_only: bool,
+                         scale_each: bool = True) -> Callable[..., Results]:
   def consumer_signatures(spec, expected, actual, facts, tol) -> Results:
     """The serving signatures (only `serving_default`, or every one) as the
     consumer ran them, on the inputs of 'signature/...', against the
-    module's outputs: every output key of every (signature, input)."""
+    module's outputs: every output key of every (signature, input), each
+    within atol of its own largest value (`scale_each`) or absolutely."""
     name = f"consumer/{consumer}"
     result, row = _consumer(actual, consumer, name)
     if row is not None:
@@ -420,7 +421,7 @@ def _consumer_signatures(consumer: str, serving_default_only: bool
           wanted[f"{saved}/{key}/{tag.name}"] = expected.outputs[tag.name][tensor]
         for key, value in result.outputs.get((saved, tag.name), {}).items():
           got[f"{saved}/{key}/{tag.name}"] = value
-    yield compare_many(name, got, wanted, tol)
+    yield compare_many(name, got, wanted, tol, scale_each=scale_each)
   return consumer_signatures
 
 
@@ -438,7 +439,7 @@ def _consumer_call(consumer: str) -> Callable[..., Results]:
            for (_, tag), out in result.outputs.items()
            if consumers_lib.CALL_OUTPUT in out}
     _, wanted = _call_pairs(spec, expected, actual, facts)
-    yield compare_many(name, got, wanted, tol)
+    yield compare_many(name, got, wanted, tol, scale_each=True)
   return consumer_call
 
 
@@ -551,7 +552,7 @@ CHECKS: tuple[Check, ...] = (
           "consumer_loader"),
     Check("consumer/c_api_loader", _consumer_signatures("c_api_loader", True),
           "consumer_loader"),
-    Check("consumer/tflite", _consumer_signatures("tflite", True),
+    Check("consumer/tflite", _consumer_signatures("tflite", True, scale_each=False),
           "consumer_tflite"),
     Check("consumer/keras3_tfsm_layer", _consumer_call("keras3_tfsm_layer"),
           "consumer_loader"),

@@ -527,7 +527,11 @@ def test_a_consumer_row_fails_beyond_its_tolerance(name, factor, passed):
   spec, expected, actual, facts = _with_consumers()
   tol_name, where = CONSUMER_NUMERIC[name]
   value = where(actual)
-  _nudge(value, factor * _bound(tol_name, float(value.flat[0])))
+  # Consumer outputs (not TFLite's, nor the fit's variables) are compared
+  # within atol of their own largest value, at least 1.
+  scale = (max(float(np.abs(value).max()), 1.0)
+           if tol_name == "consumer_loader" else 1.0)
+  _nudge(value, factor * _bound(tol_name, float(value.flat[0]), scale))
   result = _results(spec, expected, actual, facts)[name]
   assert result.passed == passed, result
   assert (result.rtol, result.atol) == (tolerances.get(tol_name).rtol,
@@ -643,3 +647,18 @@ def test_the_report_escapes_module_text_on_every_line():
   assert data["warnings"] == ["signature 'x\\ny' failed"]
   assert data["consumers"] == {"selection": "default", "ran": ["tf1_loader"],
                                "skipped": ["tflite"]}
+
+
+def test_compare_many_scale_each_takes_atol_from_each_entrys_largest_value():
+  # Logits of -2.3 beside 1000s: a reordered sum errs by a fraction of the
+  # largest terms. Each entry has its own scale; a floor of 1 below.
+  e = {"big": np.array([1000.0, -2.3], np.float32), "small": np.array([0.5], np.float32)}
+  a = {"big": np.array([1000.0, -2.3 + 0.05], np.float32),
+       "small": np.array([0.5 + 5e-5], np.float32)}
+  assert not compare.compare_many("x", a, e, "consumer_loader").passed
+  r = compare.compare_many("x", a, e, "consumer_loader", scale_each=True)
+  assert r.passed, r
+  a["small"][0] = 0.5 + 3e-4  # 1e-4 (floor 1) + 1e-4 * 0.5 < 3e-4.
+  assert not compare.compare_many("x", a, e, "consumer_loader", scale_each=True).passed
+  a["small"][0] = np.nan
+  assert not compare.compare_many("x", a, e, "consumer_loader", scale_each=True).passed

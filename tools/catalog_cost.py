@@ -8,18 +8,20 @@
 Each row of the catalog CSV gets the full-size module of its family that
 tools/memory.py measured (`migrate-hub-module SRC DST` from a cold start, with
 verification: wall time and the peak RSS of the whole process tree), scaled
-by the row's parameter count against the measured module's (published
-figures by variant, `PARAMS`): cost = fixed + (measured - fixed) * P / P_measured,
-where `fixed` is what a module costs whatever its size (the processes, the
-imports, the consumers' loads; the smallest measurement's share, `--fixed`).
+to the row's variant: cost = fixed + (measured - fixed) * scale. `fixed` is
+what a module costs whatever its size (the processes, the imports, the
+consumers' loads; 80% of the smallest measurement, `--fixed`); the rest is split between variables and graph as the batch's memory
+estimate weighs them, each scaled by the variant's size (parameters, from
+published figures; blocks or cells against the measured module's,
+`GRAPH_FACTOR`).
 Rows that are not image models this tool converts (GAN generators, VAEs)
 count as refused at once.
 
 Prints per family: modules, estimated hours, largest peak; then the whole
 catalog on one machine with `--workers` workers (the batch's memory-aware
 scheduler: a module whose peak would not fit waits) and on Beam clusters of
-N workers of the same machine type. An estimate, stated as one: the scaling
-by parameters is a model, checked only where two variants were measured.
+N workers of the same machine type. An estimate, stated as one: only one
+variant per family was measured, the scaling is a model.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ FIXED_PARAMS = {"resnet-v1-50": 25.6, "resnet-v2-50": 25.6, "resnet50-v2": 25.6,
                 "mobilenet-v3": 5.4, "vgg-style": 1.0}
 NOT_IMAGE_MODELS = ("biggan", "vae", "wae")  # Generators: refused in seconds.
 
+# How much bigger the variant's graph is than the measured module's (blocks
+# or cells against the measured one's: ResNet-101 has 33 blocks to 50's 16;
+# EfficientNet-B7 55 MBConv blocks to B0's 16; NASNet-A Large 18 normal
+# cells to Mobile's 12). 1 where depth does not change (width multipliers).
+GRAPH_FACTOR = {"resnet-v1-101": 2.0, "resnet-v2-101": 2.0, "resnet-v1-152": 3.0,
+                "resnet-v2-152": 3.0, "resnet-v1-200": 4.0, "wrn-106": 2.0,
+                "inception-v4": 1.5, "nasnet-a-large": 1.5, "pnasnet-5-large": 1.3,
+                "amoebanet-a-n18-f448": 2.0}
+EFFICIENTNET_BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39,
+                       "b6": 45, "b7": 55}
+
 # The measured full-size module standing for each family, with its parameters.
 MEASURED = {"mobilenet_v1": ("mobilenet_v1_100", 4.24),
             "mobilenet_v2": ("mobilenet_v2_100", 3.47),
@@ -61,19 +74,21 @@ MEASURED = {"mobilenet_v1": ("mobilenet_v1_100", 4.24),
             "nasnet": ("nasnet_mobile", 5.3)}
 
 
-def classify(row: dict) -> tuple[str, float]:
-  """-> (family, millions of parameters) of a catalog row ("refused", 0 if it
-  is not an image model)."""
+def classify(row: dict) -> tuple[str, float, float]:
+  """-> (family, millions of parameters, graph factor) of a catalog row
+  ("refused", 0, 0 if it is not an image model)."""
   arch, handle = row["architecture"].lower(), row["handle"].lower()
   if any(k in arch for k in NOT_IMAGE_MODELS):
-    return "refused", 0.0
+    return "refused", 0.0, 0.0
   m = re.search(r"mobilenet_v([12])_(\d{3})_", handle)
   if m:
     table = MOBILENET_V1 if m.group(1) == "1" else MOBILENET_V2
-    return f"mobilenet_v{m.group(1)}", table[m.group(2)]
+    return f"mobilenet_v{m.group(1)}", table[m.group(2)], 1.0
   m = re.search(r"efficientnet/(b\d|lite\d)", handle)
   if m:
-    return "efficientnet", EFFICIENTNET[m.group(1)]
+    variant = m.group(1)
+    blocks = EFFICIENTNET_BLOCKS.get(variant, EFFICIENTNET_BLOCKS["b" + variant[-1]])
+    return "efficientnet", EFFICIENTNET[variant], blocks / 16
   for key, params in FIXED_PARAMS.items():
     if key in arch:
       family = ("inception_resnet" if "resnet-v2" in key and "inception" in key else
@@ -81,12 +96,10 @@ def classify(row: dict) -> tuple[str, float]:
                 "inception" if "inception" in key else
                 "nasnet" if "nasnet" in key or "amoeba" in key else
                 "mobilenet_v2" if "mobilenet" in key else "mobilenet_v1")
-      return family, params
+      return family, params, GRAPH_FACTOR.get(key, 1.0)
   if "mobilenet-v1" in arch:
-    return "mobilenet_v1", MOBILENET_V1["100"]
-  if "mobilenet-v2" in arch or not arch:
-    return "mobilenet_v2", MOBILENET_V2["100"]  # Most rows without one are.
-  return "mobilenet_v2", MOBILENET_V2["100"]
+    return "mobilenet_v1", MOBILENET_V1["100"], 1.0
+  return "mobilenet_v2", MOBILENET_V2["100"], 1.0  # Most rows without one are.
 
 
 def schedule(costs: list[tuple[float, float]], workers: int, memory_mb: float) -> float:
@@ -114,7 +127,14 @@ def main() -> int:
   p.add_argument("--fixed", type=float, default=None,
                  help="seconds / MB every module costs (default: 80%% of the smallest "
                       "measurement)")
+  p.add_argument("--full_dir", default=None,
+                 help="the measured modules (their graphs' sizes; default 2 MB each)")
   args = p.parse_args()
+  args.graph_mb = {}
+  for name, _ in MEASURED.values():
+    graph = os.path.join(args.full_dir or "", name, "saved_model.pb")
+    if args.full_dir and os.path.exists(graph):
+      args.graph_mb[name] = os.path.getsize(graph) / 2**20
   with open(args.measured, encoding="utf-8") as f:
     results = {r["module"]: r for r in json.load(f)["results"]
                if r["mode"] == "verify" and r["returncode"] == 0}
@@ -129,13 +149,18 @@ def main() -> int:
   per_family = collections.defaultdict(list)
   costs = []
   for row in rows:
-    family, params = classify(row)
+    family, params, graph_factor = classify(row)
     if family == "refused":
       cost = (5.0, fixed_mb)
     else:
       name, measured_params = MEASURED[family]
       r = results[name]
-      scale = params / measured_params
+      # What a module costs beyond `fixed` is split between its variables and
+      # its graph as the batch's memory estimate weighs them (15 and 300
+      # bytes per byte: batch.estimated_peak_bytes), each scaled by the
+      # variant's own size.
+      v, g = 15 * r["variables_mb"], 300 * args.graph_mb.get(name, 2.0)
+      scale = (v * params / measured_params + g * graph_factor) / (v + g)
       cost = (fixed_s + (r["seconds"] - fixed_s) * scale,
               fixed_mb + (r["peak_tree_rss_mb"] - fixed_mb) * scale)
     per_family[family].append(cost)
