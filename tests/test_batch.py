@@ -766,3 +766,9 @@ def test_memory_gate_starts_only_what_fits(tmp_path):
     cancelled.set()
     assert second.result(timeout=5) is None and first.result() == "ran"
   assert batch.available_memory_bytes() > 0
+
+
+def test_memory_estimate_grows_with_every_consumer():
+  # --consumers=all converts to TFLite and fits in the worker: a larger peak.
+  default = batch.estimated_peak_bytes(30 << 20, 8 << 20)
+  assert batch.estimated_peak_bytes(30 << 20, 8 << 20, all_consumers=True) > 1.5 * default
