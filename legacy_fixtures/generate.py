@@ -430,6 +430,11 @@ FULL = {
     "nasnet_mobile": dict(image_size=(224, 224), variable=False),
     "efficientnet_b0": dict(image_size=(224, 224), variable=False),
     "efficientnet_b0_defun_swish": dict(image_size=(224, 224), variable=False),
+    # Synthetic: graph size without model size (issue 17's scaling series). A stack of tiny
+    # residual conv + batch norm blocks, ~10k / 30k / 100k nodes over the two MetaGraphs.
+    "scaling_10k": dict(image_size=(32, 32), variable=False, blocks=105),
+    "scaling_30k": dict(image_size=(32, 32), variable=False, blocks=315),
+    "scaling_100k": dict(image_size=(32, 32), variable=False, blocks=1050),
 }
 # The layer tables these follow (fixture_nets.py): MobileNet-V1 (Howard et al. 2017, table 1),
 # MobileNet-V2 (Sandler et al. 2018, table 2), Inception-ResNet-v2 (Szegedy et al. 2016,
@@ -446,7 +451,9 @@ def _build_full(name, case, is_training):
         return
     images = _image_placeholder(case)
     momentum = None
-    if name == "mobilenet_v2_100":
+    if name.startswith("scaling_"):
+        logits, features = _scaling_net(images, FULL[name]["blocks"], is_training)
+    elif name == "mobilenet_v2_100":
         momentum = _momentum_input()
         logits, features, _ = fixture_nets.mobilenet_v2(
             images, 1001, is_training, depth_multiplier=1.0, batch_norm_decay=momentum)
@@ -481,6 +488,21 @@ def _build_full(name, case, is_training):
     if momentum is not None:
         _hparams_signatures(images, momentum, features, logits)
     _attach_size(case)
+
+
+def _scaling_net(images, blocks, is_training):
+    """`blocks` residual blocks of an 8-channel 3x3 conv with slim's batch norm and L2 weight
+    decay, on 32x32 images: node count grows with `blocks`, compute and variables stay tiny."""
+    with slim.arg_scope([slim.conv2d], normalizer_fn=slim.batch_norm,
+                        weights_regularizer=slim.l2_regularizer(1e-4)), \
+            slim.arg_scope([slim.batch_norm], is_training=is_training, decay=0.997):
+        net = slim.conv2d(images, 8, [3, 3], scope="stem")
+        for i in range(blocks):
+            net = tf.nn.relu(net + slim.conv2d(net, 8, [3, 3], activation_fn=None,
+                                               scope="block%d" % i))
+    features = tf.reduce_mean(net, [1, 2], name="feature_vector")
+    logits = slim.fully_connected(features, 10, activation_fn=None, scope="logits")
+    return logits, features
 
 
 # =============================================================================================
