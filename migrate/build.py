@@ -36,7 +36,7 @@ import dataclasses
 import inspect
 import itertools
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
@@ -287,6 +287,10 @@ class _GraphIndex:
                asset_paths: Mapping[str, tf.Tensor], where: str):
     self.graph_def = graph_def
     self.nodes = {n.name: n for n in graph_def.node}
+    # Each function's cut keeps the graph's node order, found by sorting its
+    # nodes by position: walking the whole graph per function (one per
+    # regularization loss) made the stage quadratic in the graph's size.
+    self.position = {n.name: i for i, n in enumerate(graph_def.node)}
     self.variables = variables
     self.asset_paths = dict(asset_paths)
     self.where = where
@@ -310,9 +314,8 @@ class _GraphIndex:
     sub.versions.CopyFrom(self.graph_def.versions)
     sub.library.CopyFrom(self.graph_def.library)
     used: set[str] = set()
-    for node in self.graph_def.node:  # Keeps the original order.
-      if node.name not in keep:
-        continue
+    for name in sorted(keep, key=self.position.__getitem__):
+      node = self.nodes[name]
       copy = sub.node.add()
       copy.CopyFrom(node)
       del copy.input[:]
@@ -326,10 +329,11 @@ class _GraphIndex:
         del copy.attr["_class"]
     return sub, used
 
-  def function(self, feeds: Sequence[tuple[str, tf.TensorSpec]],
-               fetches: Sequence[str], ops: Sequence[str] = ()) -> Callable:
-    """A function of `feeds` computing `fetches` and running `ops`."""
-    feed_names = [name for name, _ in feeds]
+  def _importer(self, feed_names: Sequence[str], fetches: Sequence[str],
+                ops: Sequence[str]) -> Callable:
+    """`import_fn(*feeds)`: imports the cut that computes `fetches` and runs
+    `ops` into the graph being traced, with the feeds and variable handles
+    mapped in; returns the fetched tensors."""
     asset_nodes = {legacy_format.node_name(t) for t in self.asset_paths}
     stop = ({legacy_format.node_name(n) for n in feed_names} | self.handles |
             asset_nodes)
@@ -366,12 +370,31 @@ class _GraphIndex:
           outputs = [tf.identity(t) for t in outputs]
       return outputs
 
+    return import_fn
+
+  def _traced(self, trace: Callable[[], Any]) -> Any:
     try:
-      return tf.compat.v1.wrap_function(import_fn, [spec for _, spec in feeds])
+      return trace()
     except (ValueError, TypeError, KeyError, tf.errors.OpError) as e:
       raise errors.CorruptModuleError(
           f"{self.where}: expected an importable graph, found "
           f"{type(e).__name__}: {errors.first_line(e)}") from None
+
+  def function(self, feeds: Sequence[tuple[str, tf.TensorSpec]],
+               fetches: Sequence[str], ops: Sequence[str] = ()) -> Callable:
+    """A function of `feeds` computing `fetches` and running `ops`."""
+    import_fn = self._importer([name for name, _ in feeds], fetches, ops)
+    return self._traced(lambda: tf.compat.v1.wrap_function(
+        import_fn, [spec for _, spec in feeds]))
+
+  def zero_arg_function(self, fetch: str) -> Callable:
+    """A `tf.function` of no arguments computing `fetch` (traced now, once:
+    no inner wrapped function, which would double the functions a
+    regularization loss costs to trace and save)."""
+    import_fn = self._importer([], [fetch], ())
+    fn = tf.function(lambda: import_fn()[0], input_signature=[])
+    self._traced(fn.get_concrete_function)
+    return fn
 
 
 def _not_differentiable(op_type: str) -> bool:
@@ -477,12 +500,7 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
 def _regularization_losses(index: _GraphIndex,
                            loss_tensors: Sequence[str]) -> list[Callable]:
   """One function per loss, each capturing only the variables it reads."""
-  return [index.function([], [tensor]) for tensor in loss_tensors]
-
-
-def _zero_arg_loss(pruned: Callable) -> Callable:
-  # A closure, not a default argument: defaults break tf.saved_model.save.
-  return tf.function(lambda: pruned()[0], input_signature=[])
+  return [index.zero_arg_function(tensor) for tensor in loss_tensors]
 
 
 def _call_function(call_impl: Callable, hparams: Sequence[plan_lib.HParam]):
@@ -668,7 +686,7 @@ def build(module: legacy_format.LegacyModule,
   var_list = list(variables.values())
   root.variables = var_list
   root.trainable_variables = [v for v in var_list if v.trainable]
-  root.regularization_losses = [_zero_arg_loss(fn) for fn in loss_fns]
+  root.regularization_losses = loss_fns
   call = _call_function(call_impl, plan.hparams)
   root.__call__ = call
   images_spec = tf.TensorSpec(plan.input_shape, tf.float32)
