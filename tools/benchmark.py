@@ -71,6 +71,7 @@ BATCH_MODULES = ("mobilenet_v2_100", "resnet_v2_50", "inception_v3", "efficientn
 BATCH_JOBS = (1, 2)
 PARTS = ("cold", "inprocess", "keras", "scaling", "batch")
 COLD_SIDES = ("naive", "noverify", "verified")
+SIDE_NAMES = {"naive": "naive re-export", "noverify": "`--noverify`", "verified": "verified"}
 NAIVE_CODE = ("import sys, tensorflow as tf, tensorflow_hub as hub; "
               "tf.saved_model.save(hub.load(sys.argv[1]), sys.argv[2])")
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -411,13 +412,12 @@ def _table(first: list[str], columns: dict[str, dict], rows: list) -> list[str]:
 def _cold_rows(noverify_target: str = "-") -> list:
   def ratio(side: str, key: str):
     return lambda r: _x(r["cold"][side][key], r["cold"]["naive"][key])
-  names = {"naive": "naive re-export", "noverify": "`--noverify`", "verified": "verified"}
   return [
       (["`--noverify` time", noverify_target], ratio("noverify", "seconds")),
       (["verified time", "<= 1.25x"], ratio("verified", "seconds")),
       (["verified tree peak", "<= 1.5x"], ratio("verified", "peak_tree_rss_mb")),
       (["`--noverify` tree peak", "-"], ratio("noverify", "peak_tree_rss_mb")),
-  ] + [([f"{names[side]}: s / tree MB", ""], lambda r, side=side: _s_mb(r["cold"][side]))
+  ] + [([f"{SIDE_NAMES[side]}: s / tree MB", ""], lambda r, side=side: _s_mb(r["cold"][side]))
        for side in COLD_SIDES]
 
 
@@ -427,7 +427,8 @@ def _per_node_rows() -> list:
       total, marginal = r["per_1k_nodes"][side][key]
       return f"{total:.{digits}f}" + ("" if marginal is None else f" ({marginal:.{digits}f})")
     return fmt
-  return [([f"{side}: {unit} per 1k nodes (marginal)", ""], cell(side, key, digits))
+  return [([f"{SIDE_NAMES[side]}: {unit} per 1k nodes (marginal)", ""],
+           cell(side, key, digits))
           for key, unit, digits in (("seconds", "s", 3), ("peak_tree_rss_mb", "MB", 1))
           for side in COLD_SIDES]
 
