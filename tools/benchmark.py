@@ -533,10 +533,11 @@ def markdown(data: dict) -> str:
 def replace_marked(text: str, table: str) -> str:
   """TEXT with what lies between its BEGIN and END markers replaced by TABLE."""
   start, end = text.find(BEGIN), text.find(END)
-  if text.count(BEGIN) != 1 or text.count(END) != 1 or end < start:
+  counts = (text.count(BEGIN), text.count(END))
+  if counts != (1, 1) or end < start:
     raise ValueError(f"expected one {BEGIN} and after it one {END}, found "
-                     f"{text.count(BEGIN)} and {text.count(END)}"
-                     + (" in the wrong order" if end < start else ""))
+                     f"{counts[0]} and {counts[1]}"
+                     + (" in the wrong order" if counts == (1, 1) else ""))
   return f"{text[:start + len(BEGIN)]}\n{table}\n{text[end:]}"
 
 

@@ -17,6 +17,7 @@ def test_replace_marked_replaces_only_between_the_markers():
     ("no markers", "found 0 and 0"),
     (f"{benchmark.END}\n{benchmark.BEGIN}", "in the wrong order"),
     (f"{benchmark.BEGIN}\n{benchmark.BEGIN}\n{benchmark.END}", "found 2 and 1"),
+    (f"{benchmark.BEGIN}\ntable", "found 1 and 0$"),
 ])
 def test_replace_marked_refuses_missing_or_misplaced_markers(text, found):
   with pytest.raises(ValueError, match=found):
