@@ -360,7 +360,8 @@ def benchmark_inprocess(src: str, name: str, repeats: int, work: str) -> dict:
   naive, plain, verified = [], [], []
   for i in range(repeats):  # Interleaved, so load drift hits every side alike.
     naive.append(_run_task("naive", src, _fresh(work, name, f"naive{i}")))
-    plain.append(_run_task("convert", src, _fresh(work, name, f"conv{i}"), "0"))
+    converted = _fresh(work, name, f"conv{i}")
+    plain.append(_run_task("convert", src, converted, "0"))
     verified.append(_run_task("convert", src, _fresh(work, name, f"ver{i}"), "1"))
   for key, runs in (("naive", naive), ("convert", plain), ("convert_verify", verified)):
     res[key] = {"seconds": _median(runs, "seconds"),
@@ -372,8 +373,6 @@ def benchmark_inprocess(src: str, name: str, repeats: int, work: str) -> dict:
   res["stages"] = plain[-1]["stages"]
   res["verify_stages"] = verified[-1]["stages"]
   res["size_ratio"] = plain[-1]["output_bytes"] / plain[-1]["input_bytes"]
-  converted = os.path.join(work, f"{name.replace(':', '-')}-conv0")
-
   loads_conv = [_run_task("load_converted", converted) for _ in range(repeats)]
   loads_hub = [_run_task("load_hub", src) for _ in range(repeats)]
   res["load_converted_s"] = _median(loads_conv, "seconds")
