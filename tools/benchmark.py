@@ -66,7 +66,7 @@ DEFAULT_MODULES = ("resnet_v2_50", "inception_v3", "mobilenet_v2_100",
                    "mobilenet_v1_100", "inception_resnet_v2", "nasnet_mobile",
                    "efficientnet_b0", "efficientnet_b0_defun_swish")
 SCALING = ("scaling_10k", "scaling_30k", "scaling_100k")
-# Mixed in size: 14, 98, 91 and 20 MB of variables, 0.8-2.9 MB graphs.
+# Mixed in size: 14, 98, 91 and 20 MB of variables, 1.6-2.9 MB graphs.
 BATCH_MODULES = ("mobilenet_v2_100", "resnet_v2_50", "inception_v3", "efficientnet_b0")
 BATCH_JOBS = (1, 2)
 PARTS = ("cold", "inprocess", "keras", "scaling", "batch")
