@@ -97,8 +97,10 @@ def measure(argv: list[str], interval: float) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   start = time.monotonic()
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                          cwd=REPO)
+  # Output goes to files, not pipes: nobody reads a pipe while this polls, so a
+  # child writing more than the pipe holds (64 KiB) would block forever.
+  out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+  proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
   peak_tree_kb, hwm_kb = 0, {}  # (pid, cmdline) -> (role, VmHWM kB)
   while proc.poll() is None:
     total = 0
@@ -114,8 +116,13 @@ def measure(argv: list[str], interval: float) -> dict:
         hwm_kb[key] = (role, max(status["VmHWM"], hwm_kb.get(key, (0, 0))[1]))
     peak_tree_kb = max(peak_tree_kb, total)
     time.sleep(interval)
-  stdout, stderr = proc.communicate()
+  proc.wait()
   seconds = time.monotonic() - start
+  out.seek(0)
+  err.seek(0)
+  stdout, stderr = out.read(), err.read()
+  out.close()
+  err.close()
   by_role = {}
   for role, kb in hwm_kb.values():
     by_role[role] = max(by_role.get(role, 0), kb)
