@@ -322,7 +322,9 @@ def test_batch_writes_keras_files(tmp_path):
   assert modules["classifier_probabilities"]["status"].startswith("skipped")
 
 
-FULL = ("resnet_v2_50", "inception_v3", "mobilenet_v2_100")
+FULL = ("resnet_v2_50", "inception_v3", "mobilenet_v2_100", "mobilenet_v1_100",
+        "inception_resnet_v2", "nasnet_mobile", "efficientnet_b0",
+        "efficientnet_b0_defun_swish")
 
 
 @pytest.mark.parametrize("name", FULL)
