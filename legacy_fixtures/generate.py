@@ -545,6 +545,7 @@ def _var_map(module):
 
 def _nontrivial_values(session, var_map, rng):
     """Seeded non-trivial BN statistics/affine params so train and inference really differ."""
+    values = {}
     for name in sorted(var_map):
         var = var_map[name]
         shape = var.get_shape().as_list()
@@ -559,7 +560,11 @@ def _nontrivial_values(session, var_map, rng):
             val = rng.normal(0.0, 0.2, shape)
         else:
             continue
-        var.load(val.astype(np.float32), session)
+        values[var] = val.astype(np.float32)
+    # One run for all (what Variable.load does per variable: a run per variable prunes the
+    # whole graph each time, quadratic at 100k nodes).
+    session.run([v.initializer for v in values],
+                {v.initial_value: val for v, val in values.items()})
 
 
 def export_module(case, path, build=None, drop_collections=None):
