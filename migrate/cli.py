@@ -112,9 +112,9 @@ def _scan_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--consumers", choices=("default", "all"), help=(
       "which consumers of the converted SavedModel verification loads it "
       "through, each compared with the TF1 module: default the TF1 loader "
-      "(saved_model_cli), the C API loader (TF Serving's) and the Keras "
-      "layers' inference; all also TFLite and a Keras fit step through each "
-      "layer (slower)"))
+      "(saved_model_cli; the saver's restore, as TF Serving and TFLite do); "
+      "all also the C API loader (TF Serving's), TFLite, Keras 3's TFSMLayer "
+      "and tf_keras' hub.KerasLayer, each with a fit step (slower)"))
 
 
 def _run_flags(parser: argparse.ArgumentParser, *, batch: bool = False) -> None:
@@ -126,8 +126,8 @@ def _run_flags(parser: argparse.ArgumentParser, *, batch: bool = False) -> None:
   g.add_argument("--memory_limit", metavar="GIB", type=_non_negative, help=(
       "GiB of memory (data segment) each TensorFlow process may use; beyond "
       "it the module fails with exit code 13. Default: 3/4 of the machine's "
-      "memory shared by the processes that run at once (2 per conversion, 1 "
-      "per batch worker), at least 2 GiB; 0: no limit"))
+      "memory shared by the processes that run at once (1 per conversion or "
+      "batch worker, 2 per conversion to .keras), at least 2 GiB; 0: no limit"))
   g.add_argument("--report",
                  metavar="FILE.json,FILE.csv,FILE.html" if batch else "FILE.json",
                  help=("write the batch report to these files (JSON, CSV or a "
@@ -419,12 +419,24 @@ def _write_report(args: argparse.Namespace, report_json: str) -> None:
       f.write(report_json)
 
 
-def _reference_prestart(src: str) -> tuple[str, ...]:
-  """What the worker prestarts: the reference side's child, when verification
-  will give it one, so that its TensorFlow import overlaps the worker's."""
-  from migrate import preflight  # pylint: disable=g-import-not-at-top
+def _reference_child(src: str, dst: str) -> bool:
+  """Whether a verified conversion gives the reference side a child process:
+  one to a Keras 3 model does (`keras_convert`) for big modules; one to a
+  SavedModel runs it in a thread of the worker (`verify.start_reference`)."""
+  from migrate import keras_format  # pylint: disable=g-import-not-at-top
+  from migrate import preflight
   prefix = os.path.join(src, preflight.CHECKPOINT_PREFIX)
-  return ("migrate.verify",) if preflight.reference_child_pays(prefix) else ()
+  return keras_format.is_keras_path(dst) and preflight.reference_child_pays(prefix)
+
+
+def _worker_limits(src: str, dst: str, options: options_lib.ConvertOptions
+                   ) -> dict:
+  """`run_isolated`'s memory limit and prestart for a conversion: the
+  reference side's child is prestarted, if there is one, so that its
+  TensorFlow import overlaps the worker's."""
+  child = options.verify and _reference_child(src, dst)
+  return {"memory_limit": options.memory_limit_bytes(2 if child else 1),
+          "prestart": ("migrate.verify",) if child else ()}
 
 
 def _timeout_for(src: str, options: options_lib.ConvertOptions) -> Optional[float]:
@@ -459,8 +471,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
       result = isolation.run_isolated(
           "migrate.convert:convert_to_dict", src, dst, options, what=src,
           timeout=_timeout_for(src, options), quiet=not args.verbose,
-          memory_limit=options.memory_limit_bytes(2),  # The worker and its reference child.
-          prestart=_reference_prestart(src) if options.verify else ())
+          **_worker_limits(src, dst, options))
     except errors.ParityError as e:
       if e.table:
         _print_out(e.table)
@@ -497,8 +508,7 @@ def _verify(args: argparse.Namespace, old: str, new: str) -> int:
     report = isolation.run_isolated(
         "migrate.convert:verify_to_dict", old, new, options, what=old,
         timeout=_timeout_for(old, options), quiet=not args.verbose,
-        memory_limit=options.memory_limit_bytes(2),
-        prestart=_reference_prestart(old))
+        memory_limit=options.memory_limit_bytes(1))  # Verification: one process.
   except (KeyboardInterrupt, _Terminated) as e:
     raise _interruption(e, old) from None
   _print_out(report["table"])

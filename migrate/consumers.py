@@ -11,24 +11,18 @@ why the consumer cannot take this model (`not_applicable`, e.g. "not
 convertible to TFLite: op X"), or how it failed (`error`: a defect of the
 model). A runner never raises for what a consumer does not support.
 
-`CONSUMERS` lists them with their cost. Seconds, measured once each on a
-shared 2-core host that other processes kept busy (load average 8-11), for
-`resnet_v2_tiny` (4 batches) / ResNet-v2-50 (224x224, batches 1 and 2), in
-a process that has TensorFlow imported:
-
-| runner | inference | with one fit step |
-| --- | --- | --- |
-| tf1_loader | 2.3 / 8.7 | - |
-| c_api_loader (child process) | 2.2 / 5.1 | - |
-| keras3_tfsm_layer | 3.1 / 6.1 | 7.8 / 22.3 |
-| tf_keras_hub_layer | 4.4 / 8.1 | 12.5 / 31.5 |
-| tflite | 4.5 / 18.7 | - |
-
-Cheap enough for every verification: the TF1 and C API loaders (the restore
-paths `tf.saved_model.load` does not take) and the Keras runners without a
-fit step. Expensive (`expensive`, for a `--consumers=all`): TFLite's
-conversion and the Keras fit steps (`fit_images`). `selected(selection)`
-says which runs a selection ("default" or "all") makes, and which it skips.
+`CONSUMERS` lists them with their cost (measured in docs/PERFORMANCE.md).
+Every verification (the default selection) runs the TF1 loader: it restores
+through the SavedModel's saver, the path that the C++ loader and the TFLite
+converter take too and that `tf.saved_model.load` does not, and runs every
+serving signature. The rest cost a child process (the C API), a Keras import
+and another load of the model each (the Keras layers), or a conversion
+(TFLite): they run with a selection of "all" (`--consumers=all`), which also
+adds the Keras fit steps (`fit_images`). What the Keras layers compute
+without Keras is checked in every verification all the same: `TFSMLayer(DST)`
+calls the `serve` endpoint ('call/serve_endpoint'), `hub.KerasLayer`
+`__call__` ('call/inference', the training steps). `selected(selection)`
+says which runs a selection makes, and which it skips.
 
 A fit step draws random values of its own (the Dense head's initializer,
 the model's dropout, drop path, drop connect), without seeds: it runs with
@@ -438,12 +432,12 @@ class Consumer:
 CONSUMERS: Mapping[str, Consumer] = {c.name: c for c in [
     Consumer("tf1_loader", tf1_loader, False, False,
              "TF1 loader in a Session (saved_model_cli run), every signature"),
-    Consumer("c_api_loader", c_api_loader, False, False,
+    Consumer("c_api_loader", c_api_loader, True, False,
              "C++ LoadSavedModel through the C API (TensorFlow Serving), "
              "serving_default"),
-    Consumer("keras3_tfsm_layer", keras3_tfsm_layer, False, True,
+    Consumer("keras3_tfsm_layer", keras3_tfsm_layer, True, True,
              "Keras 3 TFSMLayer (serve; fit through call_training)"),
-    Consumer("tf_keras_hub_layer", tf_keras_hub_layer, False, True,
+    Consumer("tf_keras_hub_layer", tf_keras_hub_layer, True, True,
              "tf_keras hub.KerasLayer(trainable=True)"),
     Consumer("tflite", tflite, True, False,
              "TFLite converter and interpreter, serving_default"),
@@ -487,7 +481,7 @@ def selected(selection: str = DEFAULT) -> Selected:
   runs, skipped = [], []
   for c in CONSUMERS.values():
     if c.expensive and not everything:
-      skipped.append(c.name)
+      skipped.extend((c.name, f"{c.name}/{FIT}") if c.trains else (c.name,))
       continue
     runs.append((c.name, c.trains and everything))
     if c.trains and not everything:

@@ -127,7 +127,7 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
   reference = None
   if options.verify:
     # The TF1 side of the parity checks needs only the module: it runs in a
-    # child process (for big modules) while this one builds and exports.
+    # thread (with 2 CPUs) while this one builds and exports.
     from migrate import verify as verify_lib  # pylint: disable=g-import-not-at-top
     reference = verify_lib.start_reference(
         src, verify_lib.spec_for_plan(module, plan), parallel=options.parallel_verify,
@@ -164,6 +164,8 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
     lap("commit")
   except BaseException:
     staged.discard()
+    if reference is not None:
+      reference.cancel()  # (Verification's end did, if it ran.)
     raise
   root = built.root
   return ConversionResult(

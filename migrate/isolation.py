@@ -20,10 +20,10 @@ data-segment allocations.
 
 `prestart(module)` spawns a child that imports `module` at once and then
 waits: the next `start_isolated` of a function of that module runs there
-instead of in a fresh child. A worker prestarts the verification's reference
-child before it imports TensorFlow itself (`run_isolated(prestart=...)`), so
-the two imports overlap; otherwise the child's import is paid while the
-worker waits.
+instead of in a fresh child. A worker converting to a Keras 3 model
+prestarts the verification's reference child before it imports TensorFlow
+itself (`run_isolated(prestart=...)`), so the two imports overlap; otherwise
+the child's import is paid while the worker waits.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ class IsolatedCall:
 def _spawn(conn, work: Optional[bytes], quiet: bool, **child_kwargs: Any):
   ctx = multiprocessing.get_context("spawn")
   # Not a daemon: a daemonic process may not start children, and a worker
-  # starts one for the reference side of verification. The child dies with
+  # starts some (the C API loader's, a Keras output's reference side). The child dies with
   # this process all the same (PR_SET_PDEATHSIG), and every path through
   # `IsolatedCall` joins or kills it.
   process = ctx.Process(target=_child, args=(conn, os.getpid(), work),

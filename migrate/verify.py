@@ -20,22 +20,21 @@ What is checked, each with its entry in `migrate/tolerances.py`: the
 variables against the checkpoint, bit for bit; every TF1 signature and
 output key against the serving signatures (`serving_default` at batch sizes 1
 and 2 and, for variable-size modules, two resolutions); `__call__` in
-inference mode, its dtype, rank and width (the image API), top-1/top-5 for
-classifiers; one training step (the output of `__call__(x, training=True,
+inference mode and the `serve` endpoint (Keras 3's), its dtype, rank and
+width (the image API), top-1/top-5 for classifiers; one training step (the output of `__call__(x, training=True,
 **hparams)`, every variable after it, the gradients of `sum(output * probe)`),
 again with each hyperparameter at a non-default value; the regularization
 losses (each, and their total); and the model as its users load it, one row
 per consumer (`migrate.consumers`: the TF1 loader, the C API loader, TFLite,
 Keras 3's TFSMLayer, tf_keras' hub.KerasLayer, and their fit steps), the
-cheap ones by default, all with `consumers="all"`.
+TF1 loader by default, all with `consumers="all"`.
 
 How to add a parity check:
   1. one producer field: what the converted model computes, in `Actual`
      (`verify_actual.py`; filled by `ConvertedModel.inference` if no
-     training step could change it, as that half may run in the child
-     process, else by `ConvertedModel.training`), and what the module
-     computes, in `Expected` (`verify_expected.py`, filled by
-     `reference_side`), if the check compares the two;
+     training step could change it, else by `ConvertedModel.training`),
+     and what the module computes, in `Expected` (`verify_expected.py`,
+     filled by `reference_side`), if the check compares the two;
   2. one check function in `verify_checks.py`, `(spec, expected, actual,
      facts, tolerance)` yielding `compare.compare(...)`/`compare.check(...)`
      results (nothing when it does not apply), listed in `CHECKS` where its
@@ -45,12 +44,13 @@ How to add a parity check:
   and a case in tests/test_checks_unit.py where it passes and fails.
 
 Where each part runs (`PendingReference`, chosen once by `start_reference`):
-the reference side here, when first needed, or in a child process started
-early (`convert` starts it while it builds the model). A child that has
-finished by the time the converted model is loaded also runs the converted
-model's inference half (`converted_inference`, the consumer runs included:
-they load the saved files themselves) while this process runs the training
-steps; `ParityReport.processes` says where each part ran.
+everything in this thread, one part after the other, or, with 2 CPUs, the
+reference side in a thread started early (`convert` starts it while it
+builds the model) and the consumer runs (they load the saved files
+themselves) in a thread beside the converted model's own runs. Threads
+share this process's TensorFlow: a child process would pay a second import
+and a second runtime (it did: the whole tree's peak was half again as large).
+`ParityReport.processes` says where each part ran.
 
 The saved files are only read. Variables changed by training steps are put
 back after every step. The caller decides to raise `errors.ParityError`.
@@ -58,10 +58,12 @@ back after every step. The caller decides to raise `errors.ParityError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
@@ -74,14 +76,14 @@ from migrate import verify_actual
 from migrate import verify_checks
 from migrate import verify_spec
 from migrate.compare import CheckResult
-from migrate.verify_actual import Actual, ActualStep, converted_inference
+from migrate.verify_actual import Actual, ActualStep
 from migrate.verify_expected import Expected, ExpectedStep, reference_side
 from migrate.verify_spec import ModuleFacts, Spec, spec_for_plan
 
 __all__ = [
     "verify", "ParityReport", "Spec", "spec_for_plan", "reference_side",
     "Expected", "ExpectedStep", "Actual", "ActualStep", "ModuleFacts",
-    "start_reference", "PendingReference", "converted_inference",
+    "start_reference", "PendingReference",
     "METHOD_NONE", "METHOD_FED", "METHOD_GRADIENTS", "CheckResult",
 ]
 
@@ -100,7 +102,7 @@ def method_for_forward_gradients(count: int) -> str:
           f"converted model differentiates; the rest are the module's")
 
 
-_HERE, _CHILD = "this process", "child process"
+_HERE, _THREAD = "this thread", "another thread"
 
 
 @dataclasses.dataclass
@@ -114,7 +116,7 @@ class ParityReport:
   method_for_gradients: str = METHOD_GRADIENTS
   warnings: list[str] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
-  # Where each part ran: "this process" or "child process".
+  # Where each part ran: "this thread" or "another thread".
   processes: dict[str, str] = dataclasses.field(default_factory=dict)
   # The consumer runs (`migrate.consumers.selected`): the selection, the
   # runs made ("<runner>" or "<runner>/fit"), those skipped as expensive.
@@ -218,12 +220,17 @@ class PendingReference:
   """The reference side of one verification, and where the rest runs.
 
   The placement strategy, chosen once by `start_reference`: `_ReferenceHere`
-  runs the reference side in this process when its result is first asked
-  for; `_ReferenceInChild` runs it in a child process at once and, once the
-  child has finished, hands it the converted model's inference half.
+  runs everything in this thread, the reference side when its result is
+  first asked for; `_ReferenceInThread` runs the reference side in a thread
+  from the start (beside the build and export), and the consumer runs,
+  which load the saved files themselves, in another thread beside the
+  converted model's own runs. Threads, not processes: the parts share this
+  process's TensorFlow (no second import, no second copy of the runtime:
+  half the memory of a child process, measured in docs/PERFORMANCE.md), and
+  what they run releases the interpreter lock (Session runs, kernels).
   """
 
-  in_child = False
+  parallel = False
 
   def __init__(self, old_path: str, spec: Spec):
     self.spec = spec
@@ -231,75 +238,107 @@ class PendingReference:
     self._value: Optional[Expected] = None
 
   def done(self) -> bool:
-    """Whether `result()` would return without waiting for another process."""
+    """Whether `result()` would return without waiting."""
     return True
 
   def result(self, **read: Any) -> Expected:
     """The `Expected`; `read` (module=, checkpoint=) is passed on to
-    `reference_side` when it runs in this process."""
+    `reference_side` when it runs in this thread."""
     if self._value is None:
       self._value = reference_side(self._old_path, self.spec, **read)
     return self._value
 
-  def start_inference(self, new_path: str, facts: ModuleFacts,
-                      consumers: str = consumers_lib.DEFAULT
-                      ) -> Optional[isolation.IsolatedCall]:
-    """Starts the converted model's inference half (with the consumer runs
-    of `consumers`) elsewhere, or returns None: this process runs it."""
-    return None
+  def start_consumers(self, converted: verify_actual.ConvertedModel
+                      ) -> Callable[[], dict[str, consumers_lib.ConsumerResult]]:
+    """Starts the consumer runs of `converted` (or not: they run when asked
+    for); returns what gives their results."""
+    return converted.consumers
 
-  def processes(self, inference_elsewhere: bool) -> dict[str, str]:
-    where = _CHILD if inference_elsewhere else _HERE
-    return {"module (TF1 Session)": _CHILD if self.in_child else _HERE,
-            "converted model, inference and regularization": where,
-            "converted model, training": _HERE,
-            "consumers (each loads the saved files)": where}
+  def processes(self, consumers_aside: bool) -> dict[str, str]:
+    return {"module (TF1 Session)": _THREAD if self.parallel else _HERE,
+            "converted model": _HERE,
+            "consumers (each loads the saved files)":
+                _THREAD if consumers_aside else _HERE}
 
   def cancel(self) -> None:
-    """Stops the work started elsewhere, if any."""
+    """Drops the work started elsewhere, if any."""
 
 
 class _ReferenceHere(PendingReference):
-  """Everything in this process."""
+  """Everything in this thread, one part after the other."""
 
 
-class _ReferenceInChild(PendingReference):
-  """The reference side in a child process, which waits for more work once
-  it has finished: the converted model's inference half, if asked for
-  before this process runs it (after that it would only queue)."""
+class _Background:
+  """`fn()` in a daemon thread; `result()` waits for it and returns its
+  value or raises its exception in the caller's thread."""
 
-  in_child = True
+  def __init__(self, fn: Callable[[], Any], name: str):
+    self._value: Any = None
+    self._error: Optional[BaseException] = None
+    self._thread = threading.Thread(target=self._run, args=(fn,), name=name,
+                                    daemon=True)
+    self._thread.start()
 
-  def __init__(self, old_path: str, spec: Spec):
-    super().__init__(old_path, spec)
-    self._child: Optional[isolation.IsolatedCall] = isolation.start_isolated(
-        "migrate.verify:reference_side", old_path, spec, reusable=True,
-        what=f"{old_path} (reference side of the parity checks)")
+  def _run(self, fn: Callable[[], Any]) -> None:
+    try:
+      self._value = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = e
 
   def done(self) -> bool:
-    return (self._value is not None or self._child is None or
-            self._child.ready())
+    return not self._thread.is_alive()
+
+  def result(self) -> Any:
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._value
+
+
+class _ReferenceInThread(PendingReference):
+  """The reference side in a thread, at once; the consumer runs in another.
+
+  Op determinism is process-wide, and each side turns it on for its runs
+  and back off after them: with two threads, one would turn it off under
+  the other. This object holds it on from its start to `cancel()` (which
+  `verify` calls at its end), so the blocks inside leave it on. A
+  selection with Keras fit steps turns it off while they run
+  (`consumers._unseeded_random_ops`): its consumer runs stay in the
+  caller's thread, after the converted model's.
+  """
+
+  parallel = True
+
+  def __init__(self, old_path: str, spec: Spec,
+               module: Optional[legacy_format.LegacyModule] = None):
+    super().__init__(old_path, spec)
+    self._determinism: Optional[contextlib.ExitStack] = contextlib.ExitStack()
+    self._determinism.enter_context(verify_spec.deterministic_ops())
+    self._job: Optional[_Background] = _Background(
+        lambda: reference_side(old_path, spec, module=module),
+        name="reference side")
+
+  def done(self) -> bool:
+    return self._value is not None or self._job is None or self._job.done()
 
   def result(self, **read: Any) -> Expected:
-    if self._value is None and self._child is not None:
-      self._value = self._child.result()
+    if self._value is None and self._job is not None:
+      self._value = self._job.result()
     return super().result(**read)  # Cancelled before it answered: here.
 
-  def start_inference(self, new_path: str, facts: ModuleFacts,
-                      consumers: str = consumers_lib.DEFAULT
-                      ) -> Optional[isolation.IsolatedCall]:
-    if self._child is None or not self.done():
-      return None
-    self.result()
-    return self._child.submit(
-        "migrate.verify:converted_inference", self._old_path, new_path,
-        self.spec, facts, consumers=consumers,
-        what=f"{self._old_path} (converted side of the parity checks)")
+  def start_consumers(self, converted: verify_actual.ConvertedModel
+                      ) -> Callable[[], dict[str, consumers_lib.ConsumerResult]]:
+    if any(fit for _, fit in converted.selected.runs):
+      return converted.consumers
+    return _Background(converted.consumers, name="consumer runs").result
 
   def cancel(self) -> None:
-    if self._child is not None:
-      self._child.cancel()
-      self._child = None
+    """Forgets the thread (it cannot be stopped; it ends on its own, its
+    result unread) and puts op determinism back as it was."""
+    self._job = None
+    if self._determinism is not None:
+      self._determinism.close()
+      self._determinism = None
 
 
 def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = None,
@@ -307,19 +346,17 @@ def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = Non
                     ) -> PendingReference:
   """Starts the reference side for `spec`, choosing where it runs.
 
-  `parallel=None` runs it in a child process when
-  `preflight.reference_child_pays` (2 CPUs, a checkpoint of 4 MiB: the
-  child pays for its own TensorFlow import); otherwise it runs in this
-  process, when its result is first needed. A child prestarted for
-  "migrate.verify" (`isolation.prestart`) is used. The child inherits this
-  process's environment, thread settings included: the same kernels on a
-  different number of threads sum in another order (ResNet-v2-50's features
-  then differ by 5e-5, over the inference tolerance).
+  `parallel=None` runs it in a thread when this process may use at least
+  `preflight.PARALLEL_MIN_CPUS` CPUs (else here, when its result is first
+  needed); the caller keeps op determinism on meanwhile
+  (`_ReferenceInThread`). `module`, the module at `old_path` already read,
+  saves the thread reading it again.
   """
   if parallel is None:
-    module = module or legacy_format.read_module(old_path)
-    parallel = preflight.reference_child_pays(module.checkpoint_prefix)
-  return (_ReferenceInChild if parallel else _ReferenceHere)(old_path, spec)
+    parallel = isolation.usable_cpus() >= preflight.PARALLEL_MIN_CPUS
+  if parallel:
+    return _ReferenceInThread(old_path, spec, module)
+  return _ReferenceHere(old_path, spec)
 
 
 # -- verify ----------------------------------------------------------------------------
@@ -380,8 +417,9 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
   sides run (`verify_spec.deterministic_ops`).
 
   `consumers` selects the consumer runs (`migrate.consumers.selected`):
-  "default" the cheap ones (the TF1 and C API loaders, the Keras runners'
-  inference), "all" TFLite and the Keras fit steps too. A ValueError names
+  "default" the TF1 loader (the saver's restore, every serving signature),
+  "all" also the C API loader, TFLite and the Keras layers with their fit
+  steps. A ValueError names
   the selections if it is none of them.
   """
   start = time.monotonic()
@@ -403,20 +441,19 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
       reference = start_reference(old_path, spec, parallel=parallel,
                                   module=module)
     try:
-      inference = reference.start_inference(new_path, facts, consumers)
       converted = verify_actual.ConvertedModel(model, spec, facts, meta,
                                                path=new_path, consumers=consumers)
+      consumer_runs = reference.start_consumers(converted)
+      actual = converted.inference(converted.describe())
       expected = reference.result(module=module) if reference.done() else None
-      actual = verify_actual.converted_side(
-          converted, inference=inference is None,
-          random_values=_random_values(expected))
-      if inference is not None:
-        actual = actual.with_inference_of(inference.result())
-      if expected is None:  # The child was still at work: the steps with
+      actual = converted.training(actual, _random_values(expected))
+      if expected is None:  # The thread was still at work: the steps with
         # random ops run again, fed its values.
         expected = reference.result(module=module)
         actual = converted.feed_random_ops(actual, expected)
-      report.processes = reference.processes(inference is not None)
+      actual = converted.with_consumers(actual, consumer_runs())
+      report.processes = reference.processes(
+          consumers_aside=consumer_runs != converted.consumers)
     finally:
       reference.cancel()  # (The loaded model is dropped: no need to put
       # its variables back; each training step did.)

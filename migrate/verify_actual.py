@@ -10,9 +10,9 @@ inputs of `verify_spec`, and `converted_side` returns what it computed as
   Expected.regularization          Actual.regularization
   Expected.variables               Actual.variables
 
-The inference half (`converted_inference`: the signatures, `__call__` in
-inference mode, the regularization losses) can run in another process,
-which holds its own copy of the variables. A training step is one path:
+The consumer runs (`ConvertedModel.consumers`) load the saved files
+themselves and share nothing with the loaded model: they may run in
+another thread meanwhile (`verify`'s placement). A training step is one path:
 `__call__(images, training=True, **hparams)` of the LOADED model under a
 `GradientTape` (the path `hub.KerasLayer(trainable=True)` takes), or, when
 the training function (or the module's training path) has random ops, the
@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from migrate import build as build_lib
 from migrate import consumers as consumers_lib
 from migrate import legacy_format
 from migrate import reference as reference_lib
@@ -39,6 +40,7 @@ from migrate import verify_spec
 from migrate.verify_spec import ModuleFacts, Spec
 
 # Errors of a run that fails on this model (anything else is a bug here).
+ConsumerResults = dict[str, consumers_lib.ConsumerResult]  # Runner -> result.
 _RUN_ERRORS = (TypeError, ValueError, KeyError, tf.errors.OpError)
 RandomValues = Mapping[str, Mapping[str, np.ndarray]]  # Step -> op -> value.
 
@@ -69,6 +71,10 @@ class Actual:
   signature_outputs: dict[str, dict[str, dict[str, np.ndarray]]] = (
       dataclasses.field(default_factory=dict))
   call_outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # The Keras 3 inference endpoint (`serve`, what `TFSMLayer(DST)` calls) on
+  # the same batch tags; a tag -> error text where it could not run.
+  serve_outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  serve_errors: dict[str, str] = dataclasses.field(default_factory=dict)
   steps: dict[str, ActualStep] = dataclasses.field(default_factory=dict)
   regularization: list[float] = dataclasses.field(default_factory=list)
   variables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -80,13 +86,6 @@ class Actual:
   consumers: dict[str, consumers_lib.ConsumerResult] = dataclasses.field(
       default_factory=dict)
   consumer_runs: list[str] = dataclasses.field(default_factory=list)
-
-  def with_inference_of(self, other: "Actual") -> "Actual":
-    """This, with the fields that `other` filled: the inference half, run
-    in another process (`converted_inference`)."""
-    filled = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
-              if f.name != "spec" and getattr(other, f.name)}
-    return dataclasses.replace(self, **filled)
 
 
 def _var_name(v: tf.Variable) -> str:
@@ -127,16 +126,20 @@ class ConvertedModel:
   # -- the inference half
 
   def inference(self, actual: Actual) -> Actual:
-    """`actual` with the inference fields: what no training step changes
-    (the consumers load the saved files, which no step changes)."""
+    """`actual` with the inference fields: the serving signatures,
+    `__call__` in inference mode, the `serve` endpoint, the regularization
+    losses."""
     outputs, warnings = self.signature_outputs()
-    consumers = self.consumers()
     return dataclasses.replace(
         actual, signature_outputs=outputs, call_outputs=self.call_outputs(),
-        regularization=self.regularization(), consumers=consumers,
-        consumer_runs=[r for r in self.selected.ran
-                       if r.split("/")[0] in consumers],
+        **self.serve_outputs(), regularization=self.regularization(),
         warnings=list(actual.warnings) + warnings)
+
+  def with_consumers(self, actual: Actual, results: ConsumerResults) -> Actual:
+    """`actual` with the consumer runs' `results` (`consumers()`)."""
+    return dataclasses.replace(
+        actual, consumers=results,
+        consumer_runs=[r for r in self.selected.ran if r.split("/")[0] in results])
 
   def signature_outputs(self) -> tuple[dict[str, dict[str, dict[str, np.ndarray]]],
                                        list[str]]:
@@ -162,7 +165,7 @@ class ConvertedModel:
                           f"{verify_spec.error_text(e)}")
     return outputs, warnings
 
-  def consumers(self) -> dict[str, consumers_lib.ConsumerResult]:
+  def consumers(self) -> ConsumerResults:
     """Each run of the consumer selection (`consumers.selected`), on the
     inputs of the checks: the TF1 loader every serving signature on the
     inputs of `signature_outputs`; the C API loader and TFLite
@@ -197,6 +200,21 @@ class ConvertedModel:
     metadata names no output of the module: 'metadata/source' fails)."""
     return {tag.name: np.asarray(self.model(tf.constant(tag.images(self.spec.seed))))
             for tag in verify_spec.batch_tags(self.facts.call_sizes)}
+
+  def serve_outputs(self) -> dict[str, dict[str, Any]]:
+    """The `serve` endpoint (Keras 3's `TFSMLayer` default) on every batch
+    tag of `call_outputs`: {"serve_outputs": ..., "serve_errors": ...}."""
+    outputs, failed = {}, {}
+    endpoint = getattr(self.model, build_lib.SERVE_ENDPOINT, None)
+    for tag in verify_spec.batch_tags(self.facts.call_sizes):
+      if endpoint is None:
+        failed[tag.name] = f"the model has no '{build_lib.SERVE_ENDPOINT}' endpoint"
+        continue
+      try:
+        outputs[tag.name] = np.asarray(endpoint(tf.constant(tag.images(self.spec.seed))))
+      except _RUN_ERRORS as e:
+        failed[tag.name] = verify_spec.error_text(e)
+    return {"serve_outputs": outputs, "serve_errors": failed}
 
   def regularization(self) -> list[float]:
     """Every regularization loss, from one traced function (one
@@ -313,27 +331,13 @@ class ConvertedModel:
       self.variables[name].assign(self.saved[name])
 
 
-def converted_side(converted: ConvertedModel, *, inference: bool = True,
-                   random_values: Optional[RandomValues] = None) -> Actual:
-  """Everything the checks need from the converted model (but the
-  inference half if `inference` is False: another process runs it)."""
-  actual = converted.describe()
-  if inference:
-    actual = converted.inference(actual)
-  return converted.training(actual, random_values)
-
-
-def converted_inference(old_path: str, new_path: str, spec: Spec,
-                        facts: Optional[ModuleFacts] = None, *,
-                        consumers: str = consumers_lib.DEFAULT) -> Actual:
-  """The converted model's inference half for `spec`, alone: what `verify`
-  hands to the reference child once that has finished. Only the fields
-  that `ConvertedModel.inference` fills are set (the variables are not
-  sent back). `facts` saves parsing the module again; `consumers` is the
-  selection of consumer runs (`migrate.consumers.selected`)."""
-  with verify_spec.run_conditions(spec.optimize_graphs):
-    if facts is None:
-      facts = verify_spec.module_facts(legacy_format.read_module(old_path), spec)
-    converted = ConvertedModel(tf.saved_model.load(new_path), spec, facts,
-                               path=new_path, consumers=consumers)
-    return converted.inference(Actual(spec=spec))
+def converted_side(converted: ConvertedModel, *,
+                   random_values: Optional[RandomValues] = None,
+                   consumers: Optional[Callable[[], ConsumerResults]] = None
+                   ) -> Actual:
+  """Everything the checks need from the converted model. `consumers`, if
+  given, gives the consumer runs (started elsewhere: `verify`'s placement);
+  else they run here, last."""
+  actual = converted.training(converted.inference(converted.describe()),
+                              random_values)
+  return converted.with_consumers(actual, (consumers or converted.consumers)())

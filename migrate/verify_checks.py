@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from migrate import build as build_lib
 from migrate import consumers as consumers_lib
 from migrate import errors
 from migrate import plan as plan_lib
@@ -156,6 +157,21 @@ def call_inference(spec, expected, actual, facts, tol) -> Results:
   if spec.signature:
     got, wanted = _call_pairs(spec, expected, actual, facts)
     yield compare_many("call/inference", got, wanted, tol)
+
+
+def call_serve_endpoint(spec, expected, actual, facts, tol) -> Results:
+  """The `serve` endpoint, which Keras 3's `TFSMLayer(DST)` calls, against
+  the module's output behind `__call__` (the Keras layer itself runs with
+  `--consumers=all`: 'consumer/keras3_tfsm_layer')."""
+  if not spec.signature:
+    return
+  if actual.serve_errors:
+    tag, error = sorted(actual.serve_errors.items())[0]
+    yield check("call/serve_endpoint", False,
+                f"the '{build_lib.SERVE_ENDPOINT}' endpoint failed on {tag}: {error}")
+    return
+  _, wanted = _call_pairs(spec, expected, actual, facts)
+  yield compare_many("call/serve_endpoint", actual.serve_outputs, wanted, tol)
 
 
 def _call_widths(spec: Spec, actual: Actual, facts: ModuleFacts
@@ -529,6 +545,7 @@ CHECKS: tuple[Check, ...] = (
     Check("signatures/names", signature_names),
     Check("signature/<signature>/<output key>", signature_outputs, "inference"),
     Check("call/inference", call_inference, "inference"),
+    Check("call/serve_endpoint", call_serve_endpoint, "inference"),
     Check("call/image_api", call_image_api),
     Check("call/output_width", call_output_width),
     Check("call/top1", _call_top_k(1), "top_k"),
