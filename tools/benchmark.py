@@ -75,7 +75,7 @@ SIDE_NAMES = {"naive": "naive re-export", "noverify": "`--noverify`", "verified"
 NAIVE_CODE = ("import sys, tensorflow as tf, tensorflow_hub as hub; "
               "tf.saved_model.save(hub.load(sys.argv[1]), sys.argv[2])")
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-MIN_SECONDS = 2.0  # Each throughput figure runs at least this long.
+MIN_SECONDS = 2.0  # Each side of a throughput comparison runs this long per round.
 
 
 # --------------------------------------------------------------------------
@@ -95,16 +95,29 @@ def _images(batch: int, size: tuple[int, int]):
   return rng.random((batch, size[0], size[1], 3), dtype=np.float32)
 
 
-def _throughput(run, batch: int) -> float:
-  run()  # Warm-up (tracing, graph optimisation).
-  run()
-  count, start = 0, time.perf_counter()
-  while True:
+def _throughputs(sides: dict, batch: int, rounds: int) -> dict[str, float]:
+  """Images per second of each side: `batch` over its median call time.
+
+  The sides' calls alternate one by one, the side that starts rotating
+  each pass, until every side has run `rounds * MIN_SECONDS` and at least
+  `3 * rounds` calls: on a shared machine the load drifts within seconds,
+  and blocks of one side's calls (2 s each, as this first did) met
+  different loads, e.g. two routes to the same graph measured 0.64x apart.
+  """
+  for run in sides.values():  # Warm-up (tracing, graph optimisation).
     run()
-    count += 1
-    elapsed = time.perf_counter() - start
-    if elapsed >= MIN_SECONDS and count >= 3:
-      return count * batch / elapsed
+    run()
+  names = list(sides)
+  times: dict[str, list[float]] = {k: [] for k in names}
+  passes = 0
+  while (passes < 3 * rounds or
+         min(sum(t) for t in times.values()) < rounds * MIN_SECONDS):
+    for name in names[passes % len(names):] + names[:passes % len(names)]:
+      start = time.perf_counter()
+      sides[name]()
+      times[name].append(time.perf_counter() - start)
+    passes += 1
+  return {k: batch / statistics.median(t) for k, t in times.items()}
 
 
 def task_naive(src: str, dst: str) -> dict:
@@ -142,11 +155,8 @@ def task_load_hub(src: str) -> dict:
 
 def task_infer(src: str, converted: str, signature: str, batch: str, h: str,
                w: str, rounds: str) -> dict:
-  """Throughput of the three sides, round-robin in one process.
-
-  On a shared machine, load drifts; alternating short runs of each side and
-  taking medians exposes them to the same conditions.
-  """
+  """Throughput of the three sides, their calls interleaved in one process
+  (`_throughputs`)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_hub as hub
   from migrate import reference
@@ -164,17 +174,13 @@ def task_infer(src: str, converted: str, signature: str, batch: str, h: str,
       "session": lambda: ref.infer_tensors(fetches, feeds),
       "hub_signature": lambda: hub_fn(images=x)["default"].numpy(),
   }
-  figures: dict[str, list[float]] = {k: [] for k in sides}
-  for _ in range(int(rounds)):
-    for name, run in sides.items():
-      figures[name].append(_throughput(run, batch_size))
-  return {k: statistics.median(v) for k, v in figures.items()}
+  return _throughputs(sides, batch_size, int(rounds))
 
 
 def task_infer_keras(keras_path: str, converted: str, batch: str, h: str,
                      w: str, rounds: str) -> dict:
   """Throughput of the .keras model on this process's Keras backend
-  (KERAS_BACKEND, set by the caller) and of the TF2 SavedModel, round-robin."""
+  (KERAS_BACKEND, set by the caller) and of the TF2 SavedModel, interleaved."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   batch_size = int(batch)
@@ -184,11 +190,7 @@ def task_infer_keras(keras_path: str, converted: str, batch: str, h: str,
   x = tf.constant(images)
   sides = {"keras": lambda: model.predict_on_batch(images),
            "savedmodel": lambda: obj(x).numpy()}
-  figures: dict[str, list[float]] = {k: [] for k in sides}
-  for _ in range(int(rounds)):
-    for name, run in sides.items():
-      figures[name].append(_throughput(run, batch_size))
-  result = {k: statistics.median(v) for k, v in figures.items()}
+  result = _throughputs(sides, batch_size, int(rounds))
   result["backend"] = keras.backend.backend()
   return result
 

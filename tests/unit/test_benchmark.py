@@ -36,3 +36,13 @@ def test_per_node_costs_sorted_with_marginal_cost_between_sizes():
   assert first["seconds"] == [0.5, None]
   assert second["seconds"] == [0.3, pytest.approx(0.2)]  # (9 - 5) s / 20k nodes.
   assert second["peak_tree_rss_mb"][1] == pytest.approx(10.0)  # 1 MB per 100 nodes.
+
+
+def test_throughputs_interleave_single_calls_rotating_the_first(monkeypatch):
+  monkeypatch.setattr(benchmark, "MIN_SECONDS", 0.0)
+  order = []
+  sides = {name: (lambda name=name: order.append(name)) for name in "abc"}
+  figures = benchmark._throughputs(sides, batch=4, rounds=1)
+  assert order[:6] == list("aabbcc")  # The warm-up: two calls each.
+  assert order[6:] == list("abcbcacab")  # Three passes, one call each at a time.
+  assert set(figures) == set("abc") and all(v > 0 for v in figures.values())
