@@ -21,8 +21,9 @@ variables against the checkpoint, bit for bit; every TF1 signature and
 output key against the serving signatures (`serving_default` at batch sizes 1
 and 2 and, for variable-size modules, two resolutions); `__call__` in
 inference mode and the `serve` endpoint (Keras 3's), its dtype, rank and
-width (the image API), top-1/top-5 for classifiers; one training step (the output of `__call__(x, training=True,
-**hparams)`, every variable after it, the gradients of `sum(output * probe)`),
+width (the image API), top-1/top-5 for classifiers; one training step (the
+output of `__call__(x, training=True, **hparams)`, every variable after it,
+the gradients of `sum(output * probe)`),
 again with each hyperparameter at a non-default value; the regularization
 losses (each, and their total); and the model as its users load it, one row
 per consumer (`migrate.consumers`: the TF1 loader, the C API loader, TFLite,
@@ -231,6 +232,7 @@ class PendingReference:
   """
 
   parallel = False
+  consumers_aside = False  # Whether the consumer runs got a thread of their own.
 
   def __init__(self, old_path: str, spec: Spec):
     self.spec = spec
@@ -254,11 +256,12 @@ class PendingReference:
     for); returns what gives their results."""
     return converted.consumers
 
-  def processes(self, consumers_aside: bool) -> dict[str, str]:
+  def processes(self) -> dict[str, str]:
+    """Where each part ran (`ParityReport.processes`)."""
     return {"module (TF1 Session)": _THREAD if self.parallel else _HERE,
             "converted model": _HERE,
             "consumers (each loads the saved files)":
-                _THREAD if consumers_aside else _HERE}
+                _THREAD if self.consumers_aside else _HERE}
 
   def cancel(self) -> None:
     """Drops the work started elsewhere, if any."""
@@ -330,6 +333,7 @@ class _ReferenceInThread(PendingReference):
                       ) -> Callable[[], dict[str, consumers_lib.ConsumerResult]]:
     if any(fit for _, fit in converted.selected.runs):
       return converted.consumers
+    self.consumers_aside = True
     return _Background(converted.consumers, name="consumer runs").result
 
   def cancel(self) -> None:
@@ -452,8 +456,7 @@ def verify(old_path: str, new_path: str, *, seed: int = 0,
         expected = reference.result(module=module)
         actual = converted.feed_random_ops(actual, expected)
       actual = converted.with_consumers(actual, consumer_runs())
-      report.processes = reference.processes(
-          consumers_aside=consumer_runs != converted.consumers)
+      report.processes = reference.processes()
     finally:
       reference.cancel()  # (The loaded model is dropped: no need to put
       # its variables back; each training step did.)
