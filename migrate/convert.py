@@ -137,6 +137,10 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
     lap("build")
     staged = export.stage(built, destination)
     lap("export")
+    # The built model holds a copy of the weights that nothing needs past
+    # the export: freed, it is not part of verification's peak.
+    written = export.written(built)
+    del built
   except BaseException:
     if reference is not None:
       reference.cancel()
@@ -157,7 +161,7 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
       if not report.passed:
         raise_parity_failure(report, staged, options, f"{src}: the converted model")
     staged.write_model_card(export.model_card(
-        built, src, module.saved_model_sha256,
+        written, src, module.saved_model_sha256,
         report.summary() if report is not None else None))
     output_bytes = fileutil.directory_size(staged.path)
     staged.commit(overwrite=options.overwrite)
@@ -167,17 +171,16 @@ def _convert(module: legacy_format.LegacyModule, plan: plan_lib.MigrationPlan,
     if reference is not None:
       reference.cancel()  # (Verification's end did, if it ran.)
     raise
-  root = built.root
   return ConversionResult(
       src=src, dst=dst, signature=plan.signature, output_key=plan.output_key,
       kind=plan.kind, input_shape=plan.input_shape,
       output_width=plan.output_width,
       default_image_size=plan.default_image_size,
       hparams=[h.name for h in plan.hparams],
-      num_variables=len(root.variables),
-      num_trainable_variables=len(root.trainable_variables),
-      num_regularization_losses=len(root.regularization_losses),
-      has_train_graph=plan.has_train_graph, notes=list(built.notes),
+      num_variables=written.num_variables,
+      num_trainable_variables=written.num_trainable_variables,
+      num_regularization_losses=written.num_regularization_losses,
+      has_train_graph=plan.has_train_graph, notes=list(written.notes),
       input_bytes=module.source_bytes, output_bytes=output_bytes,
       seconds=seconds, parity=report)
 

@@ -9,6 +9,7 @@ rename, cleaning up after killed runs) is `migrate/staging.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from typing import Optional, Union
@@ -18,6 +19,7 @@ import tensorflow as tf
 from migrate import build as build_lib
 from migrate import errors
 from migrate import fileutil
+from migrate import plan as plan_lib
 from migrate import staging
 
 # With the saver (the MetaGraph's `saver_def` and its save/restore
@@ -72,7 +74,29 @@ def stage(built: build_lib.BuiltModel,
   return staged
 
 
-def model_card(built: build_lib.BuiltModel, src: str, sha256: str,
+@dataclasses.dataclass(frozen=True)
+class Written:
+  """What the model card and the conversion's result say of a staged model:
+  plain data, so that the built model (a copy of the weights) can be freed
+  before verification loads the saved one."""
+
+  plan: plan_lib.MigrationPlan
+  signatures: tuple[str, ...]
+  notes: tuple[str, ...]
+  num_variables: int
+  num_trainable_variables: int
+  num_regularization_losses: int
+
+
+def written(built: build_lib.BuiltModel) -> Written:
+  root = built.root
+  return Written(plan=built.plan, signatures=tuple(sorted(built.signatures)),
+                 notes=tuple(built.notes), num_variables=len(root.variables),
+                 num_trainable_variables=len(root.trainable_variables),
+                 num_regularization_losses=len(root.regularization_losses))
+
+
+def model_card(built: Written, src: str, sha256: str,
                parity_summary: Optional[str]) -> str:
   """The human-readable card saved beside the model."""
   plan = built.plan
@@ -97,7 +121,7 @@ def model_card(built: build_lib.BuiltModel, src: str, sha256: str,
       f"- Output: float32 [batch, {plan.output_width}] ({width_name})",
       f"- Keyword arguments: {hparams}",
       f"- `training=True` {training}",
-      f"- Serving signatures: {', '.join(sorted(built.signatures))}",
+      f"- Serving signatures: {', '.join(built.signatures)}",
       f"- Parity with the TF1 module: {parity_summary or 'not verified'}",
       "",
       "## Notes",
