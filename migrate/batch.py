@@ -479,7 +479,7 @@ class BatchRunner:
 # PEAK_PER_VARIABLE_BYTE x the checkpoint + PEAK_PER_GRAPH_BYTE x
 # saved_model.pb (a byte of graph costs far more than a byte of variables).
 # Refitted when verification moved into one process (threads) with the TF1
-# loader as its only default consumer: the estimate is 1.11-1.27x each
+# loader as its only default consumer: the estimate is 1.2-1.4x each
 # family's measured peak (it was 1.3-2.4x with the fit before).
 # ALL_CONSUMERS_FACTOR covers `--consumers=all`'s measurements of the
 # two-process design (EfficientNet-B0 3.9 GB, NASNet-A Mobile 8.7 GB).
