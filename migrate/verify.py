@@ -59,7 +59,6 @@ back after every step. The caller decides to raise `errors.ParityError`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import threading
@@ -301,13 +300,11 @@ class _Background:
 class _ReferenceInThread(PendingReference):
   """The reference side in a thread, at once; the consumer runs in another.
 
-  Op determinism is process-wide, and each side turns it on for its runs
-  and back off after them: with two threads, one would turn it off under
-  the other. This object holds it on from its start to `cancel()` (which
-  `verify` calls at its end), so the blocks inside leave it on. A
-  selection with Keras fit steps turns it off while they run
-  (`consumers._unseeded_random_ops`): its consumer runs stay in the
-  caller's thread, after the converted model's.
+  Op determinism is process-wide; each side's `deterministic_ops` block
+  keeps it on until the last of them closes. A selection with Keras fit
+  steps turns it off while they run (`consumers._unseeded_random_ops`):
+  its consumer runs stay in the caller's thread, after the converted
+  model's and after the reference side's.
   """
 
   parallel = True
@@ -315,8 +312,6 @@ class _ReferenceInThread(PendingReference):
   def __init__(self, old_path: str, spec: Spec,
                module: Optional[legacy_format.LegacyModule] = None):
     super().__init__(old_path, spec)
-    self._determinism: Optional[contextlib.ExitStack] = contextlib.ExitStack()
-    self._determinism.enter_context(verify_spec.deterministic_ops())
     self._job: Optional[_Background] = _Background(
         lambda: reference_side(old_path, spec, module=module),
         name="reference side")
@@ -338,11 +333,8 @@ class _ReferenceInThread(PendingReference):
 
   def cancel(self) -> None:
     """Forgets the thread (it cannot be stopped; it ends on its own, its
-    result unread) and puts op determinism back as it was."""
+    result unread)."""
     self._job = None
-    if self._determinism is not None:
-      self._determinism.close()
-      self._determinism = None
 
 
 def start_reference(old_path: str, spec: Spec, *, parallel: Optional[bool] = None,

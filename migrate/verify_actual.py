@@ -1,8 +1,9 @@
 """VERIFY, the converted side: the loaded SavedModel -> `Actual`.
 
 `ConvertedModel` runs the model loaded with `tf.saved_model.load` on the
-inputs of `verify_spec`, and `converted_side` returns what it computed as
-`Actual`, plain data that mirrors `verify_expected.Expected`:
+inputs of `verify_spec`; its producers (`describe`, `inference`, `training`,
+`with_consumers`, which `verify` calls in that order) fill `Actual`, plain
+data that mirrors `verify_expected.Expected`:
 
   Expected.outputs[tag][tensor]    Actual.signature_outputs[signature][tag][key]
                                    Actual.call_outputs[tag]
@@ -329,15 +330,3 @@ class ConvertedModel:
     """Puts the saved values back into the variables `names`."""
     for name in names:
       self.variables[name].assign(self.saved[name])
-
-
-def converted_side(converted: ConvertedModel, *,
-                   random_values: Optional[RandomValues] = None,
-                   consumers: Optional[Callable[[], ConsumerResults]] = None
-                   ) -> Actual:
-  """Everything the checks need from the converted model. `consumers`, if
-  given, gives the consumer runs (started elsewhere: `verify`'s placement);
-  else they run here, last."""
-  actual = converted.training(converted.inference(converted.describe()),
-                              random_values)
-  return converted.with_consumers(actual, (consumers or converted.consumers)())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -347,6 +348,11 @@ def grappler(enabled: bool) -> Iterator[None]:
         {"disable_meta_optimizer": previous})
 
 
+_DETERMINISM_LOCK = threading.Lock()
+_determinism_blocks = 0  # `deterministic_ops` blocks open, in any thread.
+_determinism_was_on = False  # Its state when the first of them opened.
+
+
 @contextlib.contextmanager
 def deterministic_ops() -> Iterator[None]:
   """TensorFlow's op determinism on in this block (process-wide), then as before.
@@ -356,14 +362,24 @@ def deterministic_ops() -> Iterator[None]:
   by an ulp from run to run (mobilenet_quantops' training output: 2 distinct
   results in 30 runs). Through FakeQuant* ops such an ulp can move a value
   by a whole quantization step, and a correct conversion fails parity.
+
+  The setting is process-wide and the blocks may overlap across threads
+  (verification's reference side runs in one while the other verifies): it
+  is put back only when the last open block closes.
   """
-  previous = tf_config.is_op_determinism_enabled()
-  tf_config.enable_op_determinism()
+  global _determinism_blocks, _determinism_was_on
+  with _DETERMINISM_LOCK:
+    if _determinism_blocks == 0:
+      _determinism_was_on = tf_config.is_op_determinism_enabled()
+      tf_config.enable_op_determinism()
+    _determinism_blocks += 1
   try:
     yield
   finally:
-    if not previous:
-      tf_config.disable_op_determinism()  # Public API has only enable_*.
+    with _DETERMINISM_LOCK:
+      _determinism_blocks -= 1
+      if _determinism_blocks == 0 and not _determinism_was_on:
+        tf_config.disable_op_determinism()  # Public API has only enable_*.
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ helper and tolerance table, and `verify()` must pass on it.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -371,6 +372,32 @@ def test_verify_passes_with_grappler_on(converted, name):
 def _grappler_disabled() -> bool:
   return tf.config.optimizer.get_experimental_options().get(
       "disable_meta_optimizer", False)
+
+
+def test_determinism_blocks_overlapping_in_threads_leave_it_on_until_the_last():
+  # The reference side's block (in a thread) may close while verification's
+  # is open, or the other way round: neither may turn determinism off under
+  # the other.
+  tf_config.disable_op_determinism()  # The autouse fixture turned it on.
+  first_open, second_open, first_closed = (threading.Event() for _ in range(3))
+  seen = []
+
+  def reference():
+    with verify_spec.deterministic_ops():
+      first_open.set()
+      second_open.wait(10)
+    first_closed.set()
+
+  thread = threading.Thread(target=reference)
+  thread.start()
+  first_open.wait(10)
+  with verify_spec.deterministic_ops():
+    second_open.set()
+    first_closed.wait(10)
+    seen.append(tf_config.is_op_determinism_enabled())
+  thread.join()
+  assert seen == [True]
+  assert not tf_config.is_op_determinism_enabled()
 
 
 def test_verify_puts_tensorflow_settings_back(converted):
