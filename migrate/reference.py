@@ -206,6 +206,47 @@ def read_checkpoint(module: legacy_format.LegacyModule) -> dict[str, np.ndarray]
     return {}
 
 
+class CheckpointValues(Mapping[str, np.ndarray]):
+  """Variables of a module's checkpoint, each read from its files when asked
+  for and not kept.
+
+  What `Expected.variables` holds: the checks read each value once, one at a
+  time, instead of verification holding a copy of the weights (a
+  weight-sized buffer at the peak of the process, docs/PERFORMANCE.md).
+  Picklable (the prefix and the names). A read that fails (the module's
+  files changed or went away meanwhile) raises `CorruptModuleError`.
+  """
+
+  def __init__(self, prefix: str, names: Iterable[str]):
+    self._prefix = prefix
+    self._names = frozenset(names)
+    self._reader = None
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self._names:
+      raise KeyError(name)
+    try:
+      if self._reader is None:
+        self._reader = tf.train.load_checkpoint(self._prefix)
+      return self._reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError) as e:
+      raise errors.CorruptModuleError(
+          f"{self._prefix}: expected the checkpoint verification started with, "
+          f"reading '{name}' again found {type(e).__name__}") from None
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._names
+
+  def __iter__(self):
+    return iter(sorted(self._names))
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __getstate__(self) -> dict:
+    return {"_prefix": self._prefix, "_names": self._names, "_reader": None}
+
+
 def probe_weights(seed: int, shape: Sequence[int]) -> np.ndarray:
   """The fixed weights of the loss `sum(output * probe)` whose gradients are compared."""
   return np.random.RandomState(seed + 1).standard_normal(tuple(shape)).astype(

@@ -16,7 +16,7 @@ step by step: all of the default step's, then the next step's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -95,9 +95,33 @@ def metadata_has_train_graph(spec, expected, actual, facts, tol) -> Results:
 
 # -- variables -------------------------------------------------------------------------
 
+class _Only(Mapping[str, Any]):
+  """The entries `names` of `mapping`, each looked up when asked for (no copy:
+  `Expected.variables` reads each value from the checkpoint)."""
+
+  def __init__(self, mapping: Mapping[str, Any], names: Iterable[str]):
+    self._mapping, self._names = mapping, list(dict.fromkeys(names))
+    self._set = frozenset(self._names)
+
+  def __getitem__(self, name: str) -> Any:
+    if name not in self._set:
+      raise KeyError(name)
+    return self._mapping[name]
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._set
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+
 def variable_values(spec, expected, actual, facts, tol) -> Results:
-  wanted = {n: expected.variables[n] for n in facts.variables
-            if n in expected.variables}
+  # A view: each value is read from the checkpoint when compared.
+  wanted = _Only(expected.variables, [n for n in facts.variables
+                                      if n in expected.variables])
   yield compare_many("variables/values", actual.variables, wanted, tol)
 
 
@@ -307,8 +331,8 @@ def step_moving_averages(spec, expected, actual, facts, tol, step) -> Results:
         f"{step}/moving_averages",
         {n: act.changed.get(n, actual.variables[n]) for n in moved
          if n in actual.variables},
-        {n: ref.changed.get(n, expected.variables.get(n)) for n in moved
-         if n in names}, tol)
+        {n: ref.changed[n] if n in ref.changed else expected.variables.get(n)
+         for n in moved if n in names}, tol)
 
 
 def step_updated_variables(spec, expected, actual, facts, tol, step) -> Results:
@@ -511,7 +535,8 @@ def _consumer_fit(consumer: str) -> Callable[..., Results]:
     exact, random = names - facts.random_updates, names & facts.random_updates
     row = compare_many(
         name, {n: v for n, v in fit.non_trainable_after.items() if n in exact},
-        {n: ref.changed.get(n, expected.variables[n]) for n in exact}, tol)
+        {n: ref.changed[n] if n in ref.changed else expected.variables[n]
+         for n in exact}, tol)
     problems = ([row.detail] if not row.passed else []) + _fit_moved_and_finite(
         fit, random, ref, expected)
     if fit.no_gradient_warnings:

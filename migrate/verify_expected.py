@@ -49,8 +49,9 @@ class Expected:
   steps: dict[str, ExpectedStep] = dataclasses.field(default_factory=dict)
   regularization: tuple[list[float], float] = dataclasses.field(
       default_factory=lambda: ([], 0.0))  # (each loss, their total)
-  # The module's variables (each graph's) as its checkpoint holds them.
-  variables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # The module's variables (each graph's) as its checkpoint holds them, read
+  # when a check asks (`reference.CheckpointValues`).
+  variables: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
   seconds: float = 0.0
 
 
@@ -87,7 +88,8 @@ def reference_side(old_path: str, spec: Spec, *,
     expected.regularization = ref.regularization_losses()
   names = set(facts.variables).union(
       *(s.variable_names for s in expected.steps.values()))
-  expected.variables = {n: checkpoint[n] for n in sorted(names) if n in checkpoint}
+  expected.variables = reference_lib.CheckpointValues(
+      module.checkpoint_prefix, (n for n in names if n in checkpoint))
   expected.seconds = time.monotonic() - start
   return expected
 

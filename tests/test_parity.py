@@ -481,6 +481,34 @@ def test_a_reference_started_for_another_spec_is_not_used(converted):
   assert not any(np.allclose(ours[tag][k], theirs[tag][k]) for k in ours[tag])
 
 
+def test_the_reference_holds_no_copy_of_the_weights(tmp_path):
+  # Expected.variables reads each value from the checkpoint when a check
+  # asks: verification's peak holds no weight-sized copy for it.
+  import pickle  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from migrate import errors  # pylint: disable=g-import-not-at-top
+  from migrate import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from migrate import reference as reference_lib  # pylint: disable=g-import-not-at-top
+  src = str(tmp_path / "module")
+  shutil.copytree(conftest.module_path("resnet_v2_tiny"), src)
+  module = legacy_format.read_module(src)
+  spec = verify_lib.spec_for_plan(module, plan_lib.make_plan(module))
+  values = verify_lib.reference_side(src, spec, module=module).variables
+  assert isinstance(values, reference_lib.CheckpointValues)
+  checkpoint = reference_lib.read_checkpoint(module)
+  assert values and set(values) <= set(checkpoint)
+  for name in values:
+    np.testing.assert_array_equal(values[name], checkpoint[name])
+  assert "no such variable" not in values
+  copy = pickle.loads(pickle.dumps(values))
+  name = next(iter(values))
+  np.testing.assert_array_equal(copy[name], checkpoint[name])
+  # The module's files gone before the checks read them: one clear error.
+  shutil.rmtree(tmp_path / "module" / "variables")
+  with pytest.raises(errors.CorruptModuleError, match="reading '.*' again"):
+    pickle.loads(pickle.dumps(values))[name]
+
+
 def test_verification_threads_run_inside_an_isolated_worker(tmp_path):
   # The CLI converts in a worker process (isolation); with 2 CPUs that
   # worker runs the reference side of verification in a thread of its own.
