@@ -40,6 +40,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # The gradient registry.
+# The context `tf.saved_model.save` traces in (see `_traced_as_saved`).
+from tensorflow.python.saved_model import save_context
 
 import migrate
 from migrate import errors
@@ -512,6 +514,22 @@ def _regularization_losses(index: _GraphIndex,
   return [index.zero_arg_function(tensor) for tensor in loss_tensors]
 
 
+# The options `export` saves with. `__call__` and the endpoints that call it
+# are traced in their save context (`_traced_as_saved`).
+SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
+
+
+def _traced_as_saved():
+  """The context in which `tf.saved_model.save(..., options=SAVE_OPTIONS)`
+  traces a tf.function's concrete functions again: the save looks each one up
+  by its input signature under the save's options (part of a trace's cache
+  key), and a trace made outside it is made a second time. Each trace of
+  `__call__` captures every variable (seconds at 100k graph nodes,
+  docs/PERFORMANCE.md); traced here, and with the input names the save
+  looks them up by, they are traced once."""
+  return save_context.save_context(SAVE_OPTIONS)
+
+
 def _call_function(call_impl: Callable, hparams: Sequence[plan_lib.HParam]):
   """A tf.function `(images, training=False, <hparam>=None, ...)`."""
   params = [inspect.Parameter("images", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -698,8 +716,10 @@ def build(module: legacy_format.LegacyModule,
   root.regularization_losses = loss_fns
   call = _call_function(call_impl, plan.hparams)
   root.__call__ = call
-  images_spec = tf.TensorSpec(plan.input_shape, tf.float32)
-  hparam_specs = {h.name: tf.TensorSpec(h.shape, h.dtype) for h in plan.hparams}
+  # Named as the save names them (the parameters), for `_traced_as_saved`.
+  images_spec = tf.TensorSpec(plan.input_shape, tf.float32, name="images")
+  hparam_specs = {h.name: tf.TensorSpec(h.shape, h.dtype, name=h.name)
+                  for h in plan.hparams}
   subsets = [()]
   if hparam_specs:
     names = list(hparam_specs)
@@ -708,17 +728,19 @@ def build(module: legacy_format.LegacyModule,
                  for c in itertools.combinations(names, r)]
     else:
       subsets = [(), tuple(names)]
-  for training in (False, True):
-    for subset in subsets:
-      call.get_concrete_function(images_spec, training,
-                                 **{n: hparam_specs[n] for n in subset})
-  # Keras 3 endpoints: one image tensor in, the `__call__` output out. Saved
-  # as concrete functions, which the save does not trace again (see
-  # `zero_arg_function`); TFSMLayer takes those as it takes tf.functions.
-  setattr(root, SERVE_ENDPOINT, _function(
-      lambda images: call(images)).get_concrete_function(images_spec))
-  setattr(root, TRAINING_ENDPOINT, _function(
-      lambda images: call(images, training=True)).get_concrete_function(images_spec))
+  with _traced_as_saved():
+    for training in (False, True):
+      for subset in subsets:
+        call.get_concrete_function(images_spec, training,
+                                   **{n: hparam_specs[n] for n in subset})
+    # Keras 3 endpoints: one image tensor in, the `__call__` output out. Saved
+    # as concrete functions, which the save does not trace again (see
+    # `zero_arg_function`); TFSMLayer takes those as it takes tf.functions.
+    # Traced in the same context, they call the traces above.
+    setattr(root, SERVE_ENDPOINT, _function(
+        lambda images: call(images)).get_concrete_function(images_spec))
+    setattr(root, TRAINING_ENDPOINT, _function(
+        lambda images: call(images, training=True)).get_concrete_function(images_spec))
   root.metadata = _metadata(plan, module, notes, removed, train_output)
 
   signatures = _serving_signatures(module, plan, run_inference)

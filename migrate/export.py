@@ -28,7 +28,8 @@ from migrate import staging
 # `LoadSavedModel` (TensorFlow Serving) and the TFLite converter. Without it
 # (`experimental_skip_saver=True`) the last three run with uninitialized
 # variables. What it costs in size and time: docs/PERFORMANCE.md.
-_SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
+# `build` traces `__call__` in these options' save context.
+_SAVE_OPTIONS = build_lib.SAVE_OPTIONS
 StagedOutput = staging.StagedOutput
 
 
