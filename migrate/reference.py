@@ -40,6 +40,8 @@ _TABLE_INIT_OPS = frozenset({
     "InitializeTable", "InitializeTableV2", "InitializeTableFromTextFile",
     "InitializeTableFromTextFileV2"})
 RANDOM_OPS = graph_rewrite.RANDOM_OPS
+# How many variables `changed_variables` reads per `session.run`.
+_READ_AT_ONCE = 32
 # Ops that only reshape or rename a tensor (see graph_rewrite._PASS_THROUGH_OPS).
 _RESHAPE_ONLY_OPS = frozenset({"Identity", "Squeeze", "Reshape"})
 
@@ -48,16 +50,18 @@ _RESHAPE_ONLY_OPS = frozenset({"Identity", "Squeeze", "Reshape"})
 class TrainStepResult:
   """What one training step of the TF1 train graph computed.
 
-  Everything except `moving_after` comes from a single `session.run` taken
-  before any update; `moving_after` is read after running the update ops once
+  Everything except `changed` comes from a single `session.run` taken
+  before any update; `changed` is read after running the update ops once
   with the same feeds (random ops included).
   """
 
   output: np.ndarray  # The trained output (the dropout's input if bypassed).
   output_tensor: str  # Graph tensor that `output` was read from.
   random_values: dict[str, np.ndarray]  # Random op name -> the value fed.
-  variables_before: dict[str, np.ndarray]  # Every variable, before the step.
-  variables_after: dict[str, np.ndarray]  # Every variable, after the updates.
+  variable_names: list[str]  # Every variable of the graph.
+  # The variables whose value after the updates differs from the module's
+  # own (the checkpoint's, which the step starts from), with that value.
+  changed: dict[str, np.ndarray]
   update_ops: list[str]  # The update ops run (UPDATE_OPS reachable from the feeds).
   regularization_losses: list[float]  # Each REGULARIZATION_LOSSES tensor.
   regularization_total: float
@@ -140,6 +144,17 @@ class _GraphSession:
                      ) -> dict[str, np.ndarray]:
     names = list(self.reads) if names is None else list(names)
     return self.session.run({n: self.reads[n] for n in names})
+
+  def changed_variables(self) -> dict[str, np.ndarray]:
+    """The variables whose value differs from the module's own (which
+    `reset()` puts in), read a few at a time: no copy of all the weights is
+    made (one would be a weight-sized buffer at verification's peak)."""
+    changed, names = {}, list(self.reads)
+    for i in range(0, len(names), _READ_AT_ONCE):
+      for name, value in self.read_variables(names[i:i + _READ_AT_ONCE]).items():
+        if not np.array_equal(value, self._checkpoint[name]):
+          changed[name] = value
+    return changed
 
   def tensor(self, name: str) -> tf.Tensor:
     return self.graph.get_tensor_by_name(legacy_format.tensor_name(name))
@@ -546,7 +561,6 @@ class ReferenceModule:
         feed[op.outputs[0]] = random_values[op.name]
     else:
       random_values = {}
-    before = g.read_variables()
     if probe is None:
       static = (shaped_like if shaped_like is not None else target).shape
       if static.rank is not None and static[1:].is_fully_defined():
@@ -559,12 +573,12 @@ class ReferenceModule:
                          "grads": grads}, feed)
     if updates:
       g.session.run(updates, feed)
-    after = g.read_variables()
+    changed = g.changed_variables()
     output = res["target"].reshape(self._output_shape(res["target"], shaped_like))
     return TrainStepResult(
         output=output, output_tensor=target.name,
-        random_values=random_values, variables_before=before,
-        variables_after=after, update_ops=[u.name for u in updates],
+        random_values=random_values, variable_names=list(g.reads),
+        changed=changed, update_ops=[u.name for u in updates],
         regularization_losses=[float(v) for v in res["losses"]],
         regularization_total=float(res["total"]),
         gradients=res["grads"], probe=probe)
