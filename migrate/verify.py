@@ -243,7 +243,7 @@ class PendingReference:
     return True
 
   def result(self, **read: Any) -> Expected:
-    """The `Expected`; `read` (module=, checkpoint=) is passed on to
+    """The `Expected`; `read` (module=) is passed on to
     `reference_side` when it runs in this thread."""
     if self._value is None:
       self._value = reference_side(self._old_path, self.spec, **read)

@@ -56,19 +56,18 @@ class Expected:
 
 
 def reference_side(old_path: str, spec: Spec, *,
-                   module: Optional[legacy_format.LegacyModule] = None,
-                   checkpoint: Optional[Mapping[str, np.ndarray]] = None
+                   module: Optional[legacy_format.LegacyModule] = None
                    ) -> Expected:
   """Runs the TF1 module at `old_path` (graph mode, Session) for `spec`.
 
   Needs nothing of the converted model, so it can run before the model
-  exists, in another process (`verify.start_reference`). In this process,
-  the caller may pass the module and its checkpoint, already read.
+  exists, in another thread or process (`verify.start_reference`, the
+  `.keras` path's reference child). The caller may pass the module, already
+  read.
   """
   start = time.monotonic()
   module = module or legacy_format.read_module(old_path)
-  if checkpoint is None:
-    checkpoint = reference_lib.read_checkpoint(module)
+  checkpoint = reference_lib.read_checkpoint(module)
   facts = verify_spec.module_facts(module, spec)
   expected = Expected(spec=spec)
   with verify_spec.deterministic_ops(), reference_lib.ReferenceModule(
