@@ -50,6 +50,8 @@ from migrate import legacy_format
 from migrate import plan as plan_lib
 
 TOOL_VERSION = migrate.__version__
+# The name scope of the metadata variables.
+METADATA_SCOPE = "migrate_metadata"
 # Names the Keras 3 endpoints: `keras.layers.TFSMLayer(path)` calls `serve`
 # by default; `call_training` is the name Keras's own `ExportArchive`
 # documentation gives a training-mode forward pass, for
@@ -484,27 +486,33 @@ def _metadata(plan: plan_lib.MigrationPlan, module: legacy_format.LegacyModule,
               notes: Sequence[str],
               removed: Optional[graph_rewrite.DropoutMatch],
               train_output: str) -> Metadata:
-  meta = Metadata()
-  const = lambda v, dtype: tf.Variable(v, dtype=dtype, trainable=False)
   size = plan.default_image_size or (0, 0)
-  meta.default_image_size = const(list(size), tf.int32)
-  meta.output_kind = const(plan.kind, tf.string)
   width = plan.output_width or 0
-  meta.num_features = const(width if plan.kind == plan_lib.FEATURE_VECTOR else 0,
-                            tf.int32)
-  meta.num_classes = const(width if plan.kind == plan_lib.CLASSIFICATION else 0,
-                           tf.int32)
-  meta.source_signature = const(plan.signature, tf.string)
-  meta.source_output_key = const(plan.output_key, tf.string)
-  meta.source_path = const(module.path, tf.string)
-  meta.source_sha256 = const(module.saved_model_sha256, tf.string)
-  meta.tool_version = const(TOOL_VERSION, tf.string)
-  meta.has_train_graph = const(plan.has_train_graph, tf.bool)
-  meta.hparams = const(",".join(h.name for h in plan.hparams), tf.string)
-  meta.output_dropout_removed = const(removed.output_node if removed else "",
-                                      tf.string)
-  meta.train_output_tensor = const(train_output, tf.string)
-  meta.notes = const("\n".join(notes), tf.string)
+  fields = {
+      "default_image_size": (list(size), tf.int32),
+      "output_kind": (plan.kind, tf.string),
+      "num_features": (width if plan.kind == plan_lib.FEATURE_VECTOR else 0,
+                       tf.int32),
+      "num_classes": (width if plan.kind == plan_lib.CLASSIFICATION else 0,
+                      tf.int32),
+      "source_signature": (plan.signature, tf.string),
+      "source_output_key": (plan.output_key, tf.string),
+      "source_path": (module.path, tf.string),
+      "source_sha256": (module.saved_model_sha256, tf.string),
+      "tool_version": (TOOL_VERSION, tf.string),
+      "has_train_graph": (plan.has_train_graph, tf.bool),
+      "hparams": (",".join(h.name for h in plan.hparams), tf.string),
+      "output_dropout_removed": (removed.output_node if removed else "",
+                                 tf.string),
+      "train_output_tensor": (train_output, tf.string),
+      "notes": ("\n".join(notes), tf.string),
+  }
+  meta = Metadata()
+  # Named apart from the module's variables: `export_saver` pairs the saved
+  # graph's variables with the checkpoint by name.
+  for field, (value, dtype) in fields.items():
+    setattr(meta, field, tf.Variable(value, dtype=dtype, trainable=False,
+                                     name=f"{METADATA_SCOPE}/{field}"))
   return meta
 
 
@@ -514,9 +522,11 @@ def _regularization_losses(index: _GraphIndex,
   return [index.zero_arg_function(tensor) for tensor in loss_tensors]
 
 
-# The options `export` saves with. `__call__` and the endpoints that call it
-# are traced in their save context (`_traced_as_saved`).
-SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False)
+# The options `export` saves with (it writes the saver itself:
+# `export_saver`). `__call__` and the endpoints that call it are traced in
+# their save context (`_traced_as_saved`).
+SAVE_OPTIONS = tf.saved_model.SaveOptions(save_debug_info=False,
+                                          experimental_skip_saver=True)
 
 
 def _traced_as_saved():

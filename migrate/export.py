@@ -18,18 +18,25 @@ import tensorflow as tf
 
 from migrate import build as build_lib
 from migrate import errors
+from migrate import export_saver
 from migrate import fileutil
 from migrate import plan as plan_lib
 from migrate import staging
 
-# With the saver (the MetaGraph's `saver_def` and its save/restore
-# functions), every loader restores the variables: the TF2 object-graph
-# loaders, the TF1 loader in a Session (`saved_model_cli run`), the C++
-# `LoadSavedModel` (TensorFlow Serving) and the TFLite converter. Without it
-# (`experimental_skip_saver=True`) the last three run with uninitialized
-# variables. What it costs in size and time: docs/PERFORMANCE.md.
-# `build` traces `__call__` in these options' save context.
+# With the saver (the MetaGraph's `saver_def` and its save/restore ops),
+# every loader restores the variables: the TF2 object-graph loaders, the TF1
+# loader in a Session (`saved_model_cli run`), the C++ `LoadSavedModel`
+# (TensorFlow Serving) and the TFLite converter. Without it the last three
+# run with uninitialized variables. The model is saved without TensorFlow's
+# saver (`build.SAVE_OPTIONS`, `experimental_skip_saver=True`), which costs
+# ~3 ms per variable to trace, and `export_saver` writes the same restore as
+# plain nodes; where it cannot pair the variables up, the model is saved
+# again with TensorFlow's (`_WITH_TF_SAVER`). Size and time:
+# docs/PERFORMANCE.md. `build` traces `__call__` in these options' context.
 _SAVE_OPTIONS = build_lib.SAVE_OPTIONS
+_WITH_TF_SAVER = tf.saved_model.SaveOptions(
+    save_debug_info=_SAVE_OPTIONS.save_debug_info,
+    experimental_variable_policy=_SAVE_OPTIONS.experimental_variable_policy)
 StagedOutput = staging.StagedOutput
 
 
@@ -66,6 +73,10 @@ def stage(built: build_lib.BuiltModel,
     tf.saved_model.save(
         built.root, staged.path, signatures=dict(built.signatures),
         options=_SAVE_OPTIONS)
+    if not export_saver.add_saver(staged.path):
+      tf.saved_model.save(
+          built.root, staged.path, signatures=dict(built.signatures),
+          options=_WITH_TF_SAVER)
   except (OSError, tf.errors.OpError) as e:
     staged.discard()
     raise _io_error(dst, e) from None
