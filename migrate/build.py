@@ -779,7 +779,14 @@ def _serving_signatures(module: legacy_format.LegacyModule,
 
     return _function(serve).get_concrete_function(**specs)
 
-  sigs = module.inference.signatures
-  result = {name: make(sig) for name, sig in sigs.items()}
+  # Signatures alike (real modules' `default` and `image_feature_vector`
+  # usually are) share one function: each trace captures every variable.
+  made: dict[tuple, Callable] = {}
+  result = {}
+  for name, sig in module.inference.signatures.items():
+    alike = (tuple(sorted(sig.inputs.items())), tuple(sorted(sig.outputs.items())))
+    if alike not in made:
+      made[alike] = make(sig)
+    result[name] = made[alike]
   result["serving_default"] = result[plan.signature]
   return result

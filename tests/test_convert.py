@@ -323,3 +323,20 @@ def test_the_export_traces_call_no_second_time(name, tmp_path):
   loaded = tf.saved_model.load(str(tmp_path / "out"))
   x = tf.zeros([1] + [d or 8 for d in built.plan.input_shape[1:]])
   np.testing.assert_allclose(loaded(x), built.root(x), rtol=1e-6, atol=1e-6)
+
+
+def test_alike_signatures_share_one_function():
+  # A TF1 module's `default` and `image_feature_vector` signatures often
+  # compute the same outputs from the same input; tracing one function each
+  # captured every variable twice.
+  from migrate import build  # pylint: disable=g-import-not-at-top
+  from migrate import legacy_format  # pylint: disable=g-import-not-at-top
+  from migrate import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  module = legacy_format.read_module(module_path("mobilenet_v1_bn_hparams"))
+  built = build.build(module, plan_lib.make_plan(module))
+  sigs = built.signatures
+  assert sigs["default"] is sigs["image_feature_vector"]
+  others = ["image_classification", "image_classification_with_bn_hparams",
+            "image_feature_vector_with_bn_hparams", "default"]
+  assert len({id(sigs[k]) for k in others}) == len(others)
+  assert sigs["serving_default"] is sigs[built.plan.signature]
