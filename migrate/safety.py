@@ -235,6 +235,8 @@ def classify_op(op: str) -> tuple[str, str]:
 # ConfigProto fields of a function call that would reach other processes.
 _CONFIG_FORBIDDEN = ("cluster_def", "rpc_options")
 _FUNCTION_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+_READ_OPS = frozenset({"RestoreV2"})
+_WRITE_OPS = frozenset({"SaveV2", "MergeV2Checkpoints"})
 # Suffixes the savers join to the fed prefix (TF1 once used a random
 # "_temp_<uuid hex>" directory; newer versions "_temp").
 _SHARD_SUFFIX = re.compile(r"^(\.part|_temp(_[0-9a-f]{32})?/part)$")
@@ -297,6 +299,18 @@ class _Body:
       node_or_arg = self.data_input(node_or_arg, 0)
       seen += 1
     return node_or_arg
+
+  def ancestors(self, name: str) -> set[str]:
+    """`name` and every node it depends on, through data and control inputs."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+      node = self.nodes.get(todo.pop())
+      if node is None or node.name in seen:
+        continue
+      seen.add(node.name)
+      todo.extend(_node_of(ref) for ref in node.input)
+    return seen
 
   def consumers(self) -> dict[str, list]:
     result: dict[str, list] = {}
@@ -451,6 +465,11 @@ def _saver_function_problems(fdef) -> list[tuple[str, str]]:
   for node in roots:
     shape.check(node)
   shape.closure(roots)
+  if any(n.op in _READ_OPS for n in roots):
+    # A saver's functions either save or restore: a loader that runs the
+    # restore must never write a checkpoint with it.
+    shape.problems += [(n.name, "its function also restores a checkpoint")
+                       for n in roots if n.op in _WRITE_OPS]
   return shape.problems
 
 
@@ -650,6 +669,22 @@ class _Scanner:
     # Only the SaverDef may name the saver's nodes: a signature, a collection
     # (update ops, initializers, main ops) or a variable definition that does
     # would make hub.Module, a loader or this tool run it.
+    # The TF1 loader and TensorFlow Serving run the SaverDef's restore op,
+    # feeding the model's own variables/ path: it may read that checkpoint,
+    # never write one (which would replace the weights or add files). The
+    # save tensor likewise writes, and never assigns restored values.
+    def does(node, ops: frozenset[str]) -> bool:
+      if node.op in ops:
+        return True
+      called = (_attr(node, "f").func.name if node.op in _FUNCTION_CALL_OPS
+                else node.op)
+      return (called in saver_functions and
+              any(n.op in ops for n in self.library[called].node_def))
+    for what, ref, ops in (("restore op", saver.restore_op_name, _WRITE_OPS),
+                           ("save tensor", saver.save_tensor_name, _READ_OPS)):
+      for name in sorted(body.ancestors(_node_of(ref)) if ref else ()):
+        if does(body.nodes[name], ops):
+          shape.problems.append((name, f"the SaverDef's {what} runs it"))
     closed = shape.closure(roots) | {n.name for n in roots}
     for name, where in _external_references(self.mg):
       if name in closed:

@@ -213,12 +213,25 @@ def _forgeries():
   def tensor_names_not_const(mg, nodes):
     _set_input(nodes["save/RestoreV2"], 1, "save/Const")
 
+  # The TF1 loader and TF Serving run the restore op, feeding the model's own
+  # variables/ path: a save there would replace the weights.
+  def restore_runs_a_save(mg, nodes):
+    nodes["save/restore_all"].input.append("^save/SaveV2")
+
+  def restore_op_is_the_save(mg, nodes):
+    mg.saver_def.restore_op_name = "save/MergeV2Checkpoints"
+
+  def save_runs_a_restore(mg, nodes):
+    nodes[mg.saver_def.save_tensor_name.split(":")[0]].input.append(
+        "^save/restore_all")
+
   return {f.__name__: f for f in (
       prefix_const, suffix_escape, merge_destination, restore_from_const,
       restored_value_on_output, restore_in_update_ops,
       restore_in_table_initializer, restore_as_main_op,
       filename_tensor_is_a_path, no_saver_def, saver_def_elsewhere,
-      assigns_a_non_variable, assigns_a_constant, tensor_names_not_const)}
+      assigns_a_non_variable, assigns_a_constant, tensor_names_not_const,
+      restore_runs_a_save, restore_op_is_the_save, save_runs_a_restore)}
 
 
 FORGERIES = _forgeries()
@@ -299,6 +312,32 @@ def test_tf2_save_to_a_constant_path_is_refused(tf2_with_saver, tmp_path):
     merge.input[1] = "evil:output:0"
   path = _edit_tf2(tf2_with_saver, str(tmp_path / "m"), constant_prefix)
   with pytest.raises(errors.UnsafeOpsError, match="MergeV2Checkpoints"):
+    safety.check_saved_model(path, allow_unsafe_ops=False)
+
+
+@pytest.mark.parametrize("how", ["restore_op_is_the_save", "restore_saves_too"])
+def test_tf2_restore_that_writes_a_checkpoint_is_refused(tf2_with_saver, tmp_path,
+                                                         how):
+  def edit(mg):
+    if how == "restore_op_is_the_save":
+      mg.saver_def.restore_op_name = mg.saver_def.save_tensor_name.split(":")[0]
+      return
+    save, restore = _function(mg, "_traced_save"), _function(mg, "_traced_restore")
+    for node in save.node_def:
+      if node.op == "MergeV2Checkpoints":
+        merge = restore.node_def.add()
+        merge.CopyFrom(node)
+        merge.ClearField("input")
+        pack = restore.node_def.add(name="evil_pack", op="Pack")
+        pack.attr["T"].type = 7  # DT_STRING
+        pack.attr["N"].i = 1
+        pack.attr["axis"].i = 0
+        pack.input.append(restore.signature.input_arg[0].name)
+        merge.input.extend(["evil_pack:output:0",
+                            restore.signature.input_arg[0].name])
+  path = _edit_tf2(tf2_with_saver, str(tmp_path / "m"), edit)
+  with pytest.raises(errors.UnsafeOpsError,
+                     match="restore op runs it|also restores a checkpoint"):
     safety.check_saved_model(path, allow_unsafe_ops=False)
 
 
