@@ -156,6 +156,7 @@ class BatchRunner:
     sources = sources_lib.output_destinations(sources, self.options.output_format)
     started_at = report_lib.now_iso()
     self.started = time.monotonic()
+    self.check_outside_sources(sources)
     try:
       os.makedirs(self.dst_root, exist_ok=True)
     except OSError as e:
@@ -189,6 +190,21 @@ class BatchRunner:
                        seconds=time.monotonic() - self.started,
                        modules=[outcomes[i] for i in sorted(outcomes)],
                        state_path=self.state.path)
+
+  def check_outside_sources(self, sources: Sequence[Source]) -> None:
+    """Refuses a DST_ROOT that is a module directory or lies inside one (by
+    device and inode, as DST for one module): the state file and the other
+    modules' outputs would be written into that input."""
+    existing = os.path.abspath(self.dst_root)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+      existing = os.path.dirname(existing)
+    for source in sources:
+      if (source.kind != KIND_URL and os.path.isdir(source.location) and
+          staging.is_within(existing, source.location)):
+        raise errors.OutputError(
+            f"{self.dst_root}: expected an output root outside every module, "
+            f"found it inside the module {source.location} (the input is "
+            f"never modified)")
 
   def plan(self, sources: Sequence[Source]
            ) -> tuple[dict[int, ModuleOutcome], list[Todo]]:

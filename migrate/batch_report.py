@@ -122,8 +122,13 @@ class BatchReport:
 
   def summary(self) -> str:
     c = self.counts
-    return (f"{c['total']} modules: {c[STATUS_CONVERTED]} converted and "
-            f"verified, {c[STATUS_SKIPPED]} up to date, {c[STATUS_FAILED]} "
+    unverified = sum(1 for m in self.modules
+                     if m.status == STATUS_CONVERTED and not m.parity_passed)
+    converted = (f"{c[STATUS_CONVERTED]} converted and verified" if not unverified
+                 else f"{c[STATUS_CONVERTED]} converted ({unverified} not "
+                      f"verified)")
+    return (f"{c['total']} modules: {converted}, {c[STATUS_SKIPPED]} up to date, "
+            f"{c[STATUS_FAILED]} "
             f"failed, in {self.seconds:.1f}s with {self.jobs} worker(s)")
 
   def to_dict(self) -> dict[str, Any]:
@@ -160,13 +165,16 @@ class BatchReport:
     data = self.to_dict()
     return report_html.render(data, summarize(data))
 
+  def render(self, path: str) -> str:
+    """The report as JSON, CSV or an HTML page, by `path`'s extension
+    (`REPORT_FORMATS`)."""
+    return {"json": self.to_json, "csv": self.to_csv,
+            "html": self.to_html}[report_format(path)]()
+
   def write(self, path: str) -> None:
-    """Writes the report as JSON, CSV or an HTML page, by `path`'s extension
-    (`REPORT_FORMATS`), atomically."""
-    render = {"json": self.to_json, "csv": self.to_csv,
-              "html": self.to_html}[report_format(path)]
+    """Writes `render(path)` to `path`, atomically."""
     try:
-      fileutil.atomic_write(path, render())
+      fileutil.atomic_write(path, self.render(path))
     except OSError as e:
       raise errors.OutputError(
           f"{path}: expected a writable report file, found "

@@ -92,7 +92,7 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
   A directory holding `tfhub_module.pb` is a module (its subdirectories are
   not searched); `*.tar.gz` / `*.tgz` files are module archives
   (`x/foo.tar.gz` -> `DST_ROOT/x/foo`). Hidden directories and `dst_root`
-  itself are skipped. If `src_root` is itself a module or an archive, its
+  itself (unless it is a module) are skipped. If `src_root` is itself a module or an archive, its
   output is `DST_ROOT/<its name>`.
   """
   src_root = os.path.abspath(src_root)
@@ -118,9 +118,12 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
     keep = []
     for d in dirs:
       full = os.path.join(root, d)
-      if d.startswith(".") or full == dst_root:
+      is_module = os.path.isfile(os.path.join(full, preflight.MODULE_DEF_FILENAME))
+      # DST_ROOT is skipped, unless it is a module (which the batch then
+      # refuses to write into: `BatchRunner.check_outside_sources`).
+      if d.startswith(".") or (full == dst_root and not is_module):
         continue
-      if os.path.isfile(os.path.join(full, preflight.MODULE_DEF_FILENAME)):
+      if is_module:
         rel = os.path.relpath(full, src_root)
         sources.append(Source(full, KIND_DIRECTORY, os.path.join(dst_root, rel),
                               root=src_root))

@@ -38,7 +38,7 @@ exit codes:
   found, 4 not a TF1 Hub module, 5 unsupported module, 6 corrupt module,
   7 output problem, 8 unsafe ops, 9 parity failure, 10 batch with failures,
   11 TensorFlow crashed on the module, 12 timeout, 13 out of memory,
-  130 interrupted (Ctrl-C), 143 terminated (SIGTERM)"""
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM; 129 SIGHUP, 131 SIGQUIT)"""
 
 
 # -- the flags -----------------------------------------------------------------
@@ -63,7 +63,16 @@ class _Bool(argparse.Action):
 
 def _non_negative(text: str) -> float:
   value = float(text)
-  if not value >= 0:
+  if not 0 <= value < float("inf"):
+    raise ValueError(text)
+  return value
+
+
+def _gib(text: str) -> float:
+  """GiB: non-negative, at most 2**20 (a PiB; more is no limit the kernel
+  can hold)."""
+  value = _non_negative(text)
+  if value > 2**20:
     raise ValueError(text)
   return value
 
@@ -76,6 +85,7 @@ def _positive_int(text: str) -> int:
 
 
 _non_negative.__name__ = "non-negative number"  # What argparse's error names.
+_gib.__name__ = "number of GiB (0 to 1048576)"
 _positive_int.__name__ = "positive integer"
 
 
@@ -123,7 +133,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, batch: bool = False) -> None:
   g.add_argument("--timeout", metavar="SECONDS", type=_non_negative, help=(
       f"stop the work on a module after this many seconds{' (per module)' if batch else ''}; "
       f"default: 600 s plus 6 s per MiB of the module; 0: no limit"))
-  g.add_argument("--memory_limit", metavar="GIB", type=_non_negative, help=(
+  g.add_argument("--memory_limit", metavar="GIB", type=_gib, help=(
       "GiB of memory (data segment) each TensorFlow process may use; beyond "
       "it the module fails with exit code 13. Default: 3/4 of the machine's "
       "memory shared by the processes that run at once (1 per conversion or "
@@ -339,25 +349,26 @@ def _print_out(text: str) -> None:
 
 
 class _Terminated(BaseException):
-  """Raised in the main thread by SIGTERM, like KeyboardInterrupt by SIGINT."""
+  """Raised in the main thread by SIGTERM, SIGHUP or SIGQUIT, like
+  KeyboardInterrupt by SIGINT; `args[0]` is the signal."""
 
 
 _SIGNALLED: list[int] = []
 
 
 def _on_signal(signum, frame) -> None:  # pylint: disable=unused-argument
-  """The first SIGINT/SIGTERM stops the work; later ones are ignored, so the
+  """The first signal stops the work; later ones are ignored, so the
   cleanup and its one line are not cut short."""
   if _SIGNALLED:
     return
   _SIGNALLED.append(signum)
   if signum == signal.SIGINT:
     raise KeyboardInterrupt
-  raise _Terminated
+  raise _Terminated(signum)
 
 
 def _install_signal_handlers() -> None:
-  for signum in (signal.SIGINT, signal.SIGTERM):
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
     signal.signal(signum, _on_signal)
 
 
@@ -365,7 +376,10 @@ def _interruption(signalled: BaseException, what: str) -> MigrationError:
   """The error for an interruption of the work on `what`, without the ending."""
   from migrate import errors  # pylint: disable=g-import-not-at-top
   if isinstance(signalled, _Terminated):
-    return errors.TerminatedBySignal(f"{what}: terminated (SIGTERM)")
+    signum = signalled.args[0] if signalled.args else signal.SIGTERM
+    kind = {signal.SIGHUP: errors.HungUp,
+            signal.SIGQUIT: errors.Quit}.get(signum, errors.TerminatedBySignal)
+    return kind(f"{what}: terminated ({signal.Signals(signum).name})")
   return errors.InterruptedByUser(f"{what}: interrupted (Ctrl-C)")
 
 
@@ -400,23 +414,17 @@ def _report_paths(args: argparse.Namespace) -> list[str]:
   return [p.strip() for p in getattr(args, "report", "").split(",") if p.strip()]
 
 
-def _check_reports_outside(args: argparse.Namespace, *inputs: str) -> None:
-  """Refuses a --report file inside an input (by inode): SRC is never written."""
-  from migrate import errors  # pylint: disable=g-import-not-at-top
-  from migrate import staging
-  for path in _report_paths(args):
-    target = os.path.dirname(os.path.realpath(path))
-    for given in inputs:
-      if os.path.isdir(given) and staging.is_within(target, given):
-        raise errors.OutputError(
-            f"{path}: expected a report path outside the input {given}, "
-            f"found it inside (the input is never modified)")
+def _open_reports(args: argparse.Namespace, *inputs: str) -> list:
+  """The --report files, checked before the run (`staging.ReportFile`): an
+  input is never written, and a wrong path costs no conversion."""
+  from migrate import staging  # pylint: disable=g-import-not-at-top
+  return [staging.ReportFile(path, inputs=inputs) for path in _report_paths(args)]
 
 
-def _write_report(args: argparse.Namespace, report_json: str) -> None:
-  if getattr(args, "report", None) and report_json:
-    with open(args.report, "w", encoding="utf-8") as f:
-      f.write(report_json)
+def _write_report(reports: list, text: str) -> None:
+  for report in reports:
+    if text:
+      report.write(text)
 
 
 def _reference_child(src: str, dst: str) -> bool:
@@ -464,7 +472,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
   preflight.check_destination(src, dst, overwrite=options.overwrite)
-  _check_reports_outside(args, src)
+  reports = _open_reports(args, src)
   before = staging.path_identity(dst)
   try:
     try:
@@ -475,7 +483,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
     except errors.ParityError as e:
       if e.table:
         _print_out(e.table)
-      _write_report(args, e.report_json)
+      _write_report(reports, e.report_json)
       raise
     except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
             errors.ResourceLimitError) as e:
@@ -484,7 +492,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
       raise staging.settled(e, dst, before, verified=options.verify) from None
     if result["parity"]:
       _print_out(result["parity"]["table"])
-      _write_report(args, result["parity"]["json"])
+      _write_report(reports, result["parity"]["json"])
     _print_conversion(result)
   except (KeyboardInterrupt, _Terminated) as e:
     raise staging.settled(_interruption(e, src), dst, before,
@@ -503,7 +511,7 @@ def _verify(args: argparse.Namespace, old: str, new: str) -> int:
     keras_format.check_converted(new)
   else:
     preflight.check_converted(new)
-  _check_reports_outside(args, old, new)
+  reports = _open_reports(args, old, new)
   try:
     report = isolation.run_isolated(
         "migrate.convert:verify_to_dict", old, new, options, what=old,
@@ -512,7 +520,7 @@ def _verify(args: argparse.Namespace, old: str, new: str) -> int:
   except (KeyboardInterrupt, _Terminated) as e:
     raise _interruption(e, old) from None
   _print_out(report["table"])
-  _write_report(args, report["json"])
+  _write_report(reports, report["json"])
   if not report["passed"]:
     raise errors.ParityError(f"{new}: parity with {old} fails: "
                              f"{report['first_failure']}")
@@ -533,7 +541,7 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
       batch_report.report_format(path)
   except errors.UsageError as e:
     raise _UsageError(str(e)) from None
-  _check_reports_outside(args, src_root)
+  reports = _open_reports(args, src_root)
   manifest = getattr(args, "manifest", None)
   if manifest:
     sources = batch.read_manifest(manifest, src_root, dst_root)
@@ -611,8 +619,8 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
     if bar is not None:
       bar.close()
   _print_out(report.format_summary())
-  for path in _report_paths(args):
-    report.write(path)
+  for file in reports:
+    file.write(report.render(file.path))
   return report.exit_code
 
 

@@ -42,6 +42,8 @@ class ExitCode(enum.IntEnum):
   RESOURCES = 13  # The work ran out of memory (the worker's limit, or TensorFlow's).
   INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C (SIGINT), as shells report it.
   TERMINATED = 128 + signal.SIGTERM  # 143: SIGTERM, as shells report it.
+  HUNG_UP = 128 + signal.SIGHUP  # 129: the terminal went away (SIGHUP).
+  QUIT = 128 + signal.SIGQUIT  # 131: Ctrl-\ (SIGQUIT).
 
 
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -152,6 +154,18 @@ class TerminatedBySignal(MigrationError):
   """SIGTERM; the message says whether DST is complete."""
 
   exit_code = ExitCode.TERMINATED
+
+
+class HungUp(TerminatedBySignal):
+  """SIGHUP (the terminal closed), handled as SIGTERM."""
+
+  exit_code = ExitCode.HUNG_UP
+
+
+class Quit(TerminatedBySignal):
+  """SIGQUIT (Ctrl-\\), handled as SIGTERM."""
+
+  exit_code = ExitCode.QUIT
 
 
 class InternalError(MigrationError):

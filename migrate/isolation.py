@@ -181,8 +181,10 @@ def _child(conn, parent_pid: int, work: Optional[bytes],
   _limit_memory(memory_limit)
   # The parent decides about interrupts: it kills this process and cleans up
   # after it, so a Ctrl-C sent to the whole terminal group must not make this
-  # one unwind half-way (and report a bug) meanwhile.
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  # one unwind half-way (and report a bug) meanwhile; nor a hang-up, nor a
+  # Ctrl-\ (whose default would also dump a core file into the directory).
+  for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(signum, signal.SIG_IGN)
   try:
     for module_name in prestart_modules:  # Before this process imports TensorFlow.
       prestart(module_name, quiet=quiet)

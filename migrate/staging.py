@@ -266,8 +266,16 @@ class Destination:
         self.discard(staged)
         raise
       old = self._mkdir(OLD_MARK)
-      os.rename(self.name, f"{old}/{PREVIOUS}", src_dir_fd=self.fd,
-                dst_dir_fd=self.fd)
+      try:
+        os.rename(self.name, f"{old}/{PREVIOUS}", src_dir_fd=self.fd,
+                  dst_dir_fd=self.fd)
+      except OSError as e:  # EBUSY: DST is a mount point; EXDEV, EPERM...
+        _rmtree(old, self.fd)
+        self.discard(staged)
+        raise errors.OutputError(
+            f"{self.dst}: expected an output that can be moved aside to be "
+            f"replaced, found {e.strerror or type(e).__name__} (a mount "
+            f"point?); nothing was written") from None
     os.rename(staged.output_name, self.name, src_dir_fd=self.fd,
               dst_dir_fd=self.fd)
     staged.close()
@@ -371,3 +379,83 @@ def settled(error: errors.MigrationError, dst: str,
   else:
     text += isolation.NOTHING_WRITTEN
   return type(error)(text)
+
+
+class ReportFile:
+  """A file written beside the model (`--report`), placed the way DST is.
+
+  Checked when the run starts, so that a wrong path costs no conversion: its
+  parent must exist and is held open from then on, and what the name holds,
+  if anything, must be a regular file or a symlink (which is replaced, never
+  written through). At the end the text is written to a temporary file in
+  the held directory and renamed over the name, after checking again that
+  the directory is where it was and lies outside every input.
+  """
+
+  def __init__(self, path: str, *, inputs: tuple[str, ...] = ()):
+    self.path = path
+    absolute = os.path.abspath(path)
+    self.name = os.path.basename(absolute)
+    self.parent = os.path.dirname(absolute)
+    fileutil.check_utf8(path, "a report path")
+    if not self.name or self.name in (".", ".."):
+      raise errors.OutputError(f"{path}: expected a report file name, found "
+                               f"'{self.name or '/'}'")
+    try:
+      self.fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+      raise errors.OutputError(
+          f"{path}: expected an existing directory for the report, found "
+          f"{self.parent}: {e.strerror or type(e).__name__}") from None
+    self.parent_identity = identity(os.fstat(self.fd))
+    self.inputs = [(given, path_identity(given)) for given in inputs]
+    try:
+      self._check_placement()
+      try:
+        st = os.lstat(self.name, dir_fd=self.fd)
+      except FileNotFoundError:
+        return
+      if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise errors.OutputError(
+            f"{path}: expected a report file to replace, found "
+            f"{'a directory' if stat.S_ISDIR(st.st_mode) else 'a special file'}")
+    except BaseException:
+      self.close()
+      raise
+
+  def _check_placement(self) -> None:
+    above = ancestors(self.fd)
+    for given, found in self.inputs:
+      if found is not None and found in above:
+        raise errors.OutputError(
+            f"{self.path}: expected a report path outside the input {given}, "
+            f"found it inside (the input is never modified)")
+    if path_identity(self.parent) != self.parent_identity:
+      raise errors.OutputError(
+          f"{self.path}: expected its directory {self.parent} to stay in "
+          f"place, found it replaced or moved during the run; the report was "
+          f"not written")
+
+  def write(self, text: str) -> None:
+    """Replaces the file with `text`, whole (mode from the umask)."""
+    self._check_placement()
+    tmp = f".{self.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                   os.O_CLOEXEC, 0o666, dir_fd=self.fd)
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+    except OSError as e:
+      _rmtree(tmp, self.fd)
+      raise errors.OutputError(
+          f"{self.path}: expected a writable report file, found "
+          f"{e.strerror or type(e).__name__}; the report was not written"
+      ) from None
+
+  def close(self) -> None:
+    if self.fd >= 0:
+      os.close(self.fd)
+      self.fd = -1

@@ -964,6 +964,33 @@ def report_inside_src(root):
                        f"--report={report}")
 
 
+@case
+def report_is_a_directory(root):
+  """A --report path that cannot take the report is refused before the run."""
+  report = os.path.join(root, "reportdir")
+  os.makedirs(report)
+  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
+                       [report, "expected a report file to replace",
+                        "found a directory"], f"--report={report}")
+
+
+@case
+def report_in_a_missing_directory(root):
+  report = os.path.join(root, "no", "r.json")
+  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
+                       [report, "expected an existing directory for the report"],
+                       f"--report={report}")
+
+
+@case
+def report_is_a_fifo(root):
+  """A FIFO as the report would block the end of the run forever."""
+  report = os.path.join(root, "r.json")
+  os.mkfifo(report)
+  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
+                       [report, "found a special file"], f"--report={report}")
+
+
 # ---- Issue #14: bad input that was exit 1 ----------------------------------
 
 def _image_size_case(root, height, width):

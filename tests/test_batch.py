@@ -29,6 +29,7 @@ from migrate import batch
 from migrate import batch_sources
 from migrate import batch_state
 from migrate import errors
+from tests import bad_inputs as bi
 from tests import proctree
 from tests.conftest import FIXTURE_FAMILIES, REPO, convertible_fixture_names, module_path
 
@@ -695,6 +696,21 @@ def test_changed_source_is_reconverted_in_place(tmp_path):
   assert other.modules[0].status == "failed"
   assert other.modules[0].exit_code == errors.ExitCode.UNSUPPORTED
   _assert_complete_model(str(dst / "m"))
+
+
+def test_dst_root_inside_a_module_is_refused_and_the_module_untouched(tmp_path):
+  """`batch ROOT ROOT/m1` (directly, or through a symlink to m1) would put the
+  state file and the other modules' outputs into module m1."""
+  root = tmp_path / "root"
+  for name in ("m1", "m2"):
+    bi.copy_fixture(SMALL[0], str(root / name))
+  digest = bi.tree_digest(str(root / "m1"))
+  os.symlink(root / "m1", tmp_path / "link")
+  for dst_root in (root / "m1", tmp_path / "link", root / "m1" / "out"):
+    sources = batch.discover(str(root), str(dst_root))
+    with pytest.raises(errors.OutputError, match="inside the module"):
+      batch.run_batch(sources, str(dst_root), batch.ConvertOptions(verify=False))
+  assert bi.tree_digest(str(root / "m1")) == digest
 
 
 def test_a_second_batch_on_the_same_dst_is_refused(tmp_path):
