@@ -48,6 +48,9 @@ _REF_TO_RESOURCE_UPDATE = {
     "AssignAdd": "AssignAddVariableOp",
     "AssignSub": "AssignSubVariableOp",
 }
+# Every op that writes a variable (ref or resource).
+ASSIGN_OPS = frozenset(_REF_TO_RESOURCE_UPDATE) | frozenset(
+    _REF_TO_RESOURCE_UPDATE.values())
 RANDOM_OPS = frozenset({
     "RandomUniform", "RandomUniformInt", "RandomStandardNormal",
     "TruncatedNormal", "RandomShuffle", "Multinomial", "RandomGamma",

@@ -40,6 +40,7 @@ _TABLE_INIT_OPS = frozenset({
     "InitializeTable", "InitializeTableV2", "InitializeTableFromTextFile",
     "InitializeTableFromTextFileV2"})
 RANDOM_OPS = graph_rewrite.RANDOM_OPS
+_ASSIGN_OPS = graph_rewrite.ASSIGN_OPS
 # How many variables `changed_variables` reads per `session.run`.
 _READ_AT_ONCE = 32
 # Ops that only reshape or rename a tensor (see graph_rewrite._PASS_THROUGH_OPS).
@@ -525,8 +526,9 @@ class ReferenceModule:
     Runs, in one `session.run`, the output of `signature/output_key` (or the
     input of its output dropout, reshaped like the output, with
     `bypass_output_dropout`), the regularization losses and the gradients of
-    `sum(output * probe)`; then the update ops once with the same feeds; then
-    reads the variables. `feeds_by_tensor` feeds more graph tensors by name
+    `sum(output * probe)`; then the update ops once with the same feeds (in
+    the same run if the output itself assigns variables: in-place batch-norm
+    updates); then reads the variables. `feeds_by_tensor` feeds more graph tensors by name
     (e.g. a hyperparameter that the signature does not take). Random ops are fed: with `random_feeds` (op name ->
     value) or with seeded values of their distribution. The variables are
     restored to the module's values before the step and left updated after
@@ -561,17 +563,28 @@ class ReferenceModule:
         feed[op.outputs[0]] = random_values[op.name]
     else:
       random_values = {}
+    # A batch norm with `updates_collections=None` updates its moving
+    # averages in place: the output runs the update. Then one run does
+    # everything, as a training step with hub.Module does; run apart, an
+    # update op downstream of it (a later batch norm's) would run the
+    # in-place one a second time. Otherwise the update ops run after the
+    # step, as in the converted model (fake-quant ranges read by the step).
+    in_place = any(op.type in _ASSIGN_OPS for op in g.ancestors([target.op]))
     if probe is None:
       static = (shaped_like if shaped_like is not None else target).shape
       if static.rank is not None and static[1:].is_fully_defined():
         shape = (images.shape[0], *static.as_list()[1:])
       else:
         shape = self._output_shape(g.session.run(target, feed), shaped_like)
+        if in_place:
+          g.reset()  # That run updated the moving averages.
       probe = probe_weights(seed, shape)
     feed[probe_ph] = probe
-    res = g.session.run({"target": target, "losses": losses, "total": total,
-                         "grads": grads}, feed)
-    if updates:
+    fetches = {"target": target, "losses": losses, "total": total, "grads": grads}
+    if in_place:
+      fetches["updates"] = updates
+    res = g.session.run(fetches, feed)
+    if updates and not in_place:
       g.session.run(updates, feed)
     changed = g.changed_variables()
     output = res["target"].reshape(self._output_shape(res["target"], shaped_like))
