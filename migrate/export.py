@@ -77,6 +77,7 @@ def stage(built: build_lib.BuiltModel,
       tf.saved_model.save(
           built.root, staged.path, signatures=dict(built.signatures),
           options=_WITH_TF_SAVER)
+    _umask_modes(os.path.join(staged.path, "assets"))
   except (OSError, tf.errors.OpError) as e:
     staged.discard()
     raise _io_error(dst, e) from None
@@ -84,6 +85,18 @@ def stage(built: build_lib.BuiltModel,
     staged.discard()
     raise
   return staged
+
+
+def _umask_modes(assets: str) -> None:
+  """The save copies asset files with their source's mode (a private SRC's
+  0600): they get the umask's, as the rest of the model, so that another
+  account (a serving user) can read them."""
+  mask = fileutil.current_umask()
+  for root, dirs, files in os.walk(assets):
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 @dataclasses.dataclass(frozen=True)

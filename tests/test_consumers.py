@@ -320,15 +320,22 @@ def _modes(path: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_output_permissions_follow_the_umask(tmp_path, umask):
+  # A module whose files only their owner may read (an asset among them):
+  # the output's modes come from the umask, not from SRC's.
+  import shutil  # pylint: disable=g-import-not-at-top
+  src = shutil.copytree(conftest.module_path("inference_only_asset"),
+                        str(tmp_path / "src"))
+  for root, _, files in os.walk(src):
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o600)
   previous = os.umask(umask)
   try:
     dst = str(tmp_path / "out")
-    convert.convert(conftest.module_path("classifier_probabilities"), dst,
-                    verify=False)
+    convert.convert(src, dst, verify=False)
   finally:
     os.umask(previous)
   modes = _modes(dst)
-  assert "saved_model.pb" in modes and "variables" in modes
+  assert {"saved_model.pb", "variables", "assets/labels.txt"} <= set(modes)
   for entry, mode in modes.items():
     is_dir = os.path.isdir(os.path.join(dst, entry))
     expected = (0o777 if is_dir else 0o666) & ~umask
