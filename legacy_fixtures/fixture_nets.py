@@ -242,8 +242,12 @@ def mobilenet_quant(images, num_classes, is_training, scope="MobilenetV1"):
 # Small plain conv nets (special-case fixtures)
 # ---------------------------------------------------------------------------------------------
 def small_convnet(images, num_classes, is_training, depths=(8, 16, 16), weight_decay=1e-4,
-                  batch_norm_decay=0.99, scope="SmallNet"):
-    """conv-BN-relu stack + global average pool + fully connected logits."""
+                  batch_norm_decay=0.99, scope="SmallNet", in_place_updates=()):
+    """conv-BN-relu stack + global average pool + fully connected logits.
+
+    The batch norms of the layers numbered in `in_place_updates` (1-based) update their
+    moving averages in place (`updates_collections=None`), the others through UPDATE_OPS.
+    """
     bn_params = {"is_training": is_training, "decay": batch_norm_decay, "epsilon": 1e-3,
                  "scale": True}
     with tf1.variable_scope(scope, "SmallNet", [images]):
@@ -252,8 +256,11 @@ def small_convnet(images, num_classes, is_training, depths=(8, 16, 16), weight_d
                             weights_regularizer=slim.l2_regularizer(weight_decay)):
             net = images
             for i, depth in enumerate(depths):
+                params = dict(bn_params)
+                if i + 1 in in_place_updates:
+                    params["updates_collections"] = None
                 net = slim.conv2d(net, depth, [3, 3], stride=1 if i == 0 else 2,
-                                  scope="conv%d" % (i + 1))
+                                  normalizer_params=params, scope="conv%d" % (i + 1))
         net = tf.reduce_mean(net, [1, 2], name="global_pool")
         logits = slim.fully_connected(net, num_classes, activation_fn=None,
                                       weights_regularizer=slim.l2_regularizer(weight_decay),

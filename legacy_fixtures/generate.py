@@ -47,6 +47,8 @@ RANDOM_OP_TYPES = {"RandomUniform", "RandomStandardNormal", "TruncatedNormal",
                    "RandomUniformInt", "Multinomial", "RandomShuffle", "RandomGamma",
                    "RandomPoisson", "RandomPoissonV2", "StatelessRandomUniformV2",
                    "StatelessRandomNormalV2", "StatelessTruncatedNormalV2"}
+ASSIGN_OP_TYPES = {"Assign", "AssignAdd", "AssignSub", "AssignVariableOp",
+                   "AssignAddVariableOp", "AssignSubVariableOp"}
 TRAIN_TAGS = [(set(), {"is_training": False}), ({"train"}, {"is_training": True})]
 INFER_TAGS = [(set(), {"is_training": False})]
 BN_MOMENTUM_DEFAULT = 0.99
@@ -258,6 +260,16 @@ def build_refvars_bn(case, is_training):
     _attach_size(case)
 
 
+def build_bn_in_place_mixed(case, is_training):
+    images = _image_placeholder(case)
+    # The first batch norm updates in place (updates_collections=None), the later ones through
+    # UPDATE_OPS: their updates depend on its output, which carries its update.
+    logits, features = fixture_nets.small_convnet(images, 5, is_training, depths=(6, 8),
+                                                  scope="MixedNet", in_place_updates=(1,))
+    _standard_signatures(images, features, logits)
+    _attach_size(case)
+
+
 # ---- 7. inference_only_asset -----------------------------------------------------------------
 LABELS = ["background"] + ["class_%d" % i for i in range(1, 10)]
 
@@ -370,6 +382,12 @@ def _case_list():
           "AssignSub moving-average updates, weight decay.",
           "reference_variables",
           build_refvars_bn, image_size=(32, 32)),
+        C("bn_in_place_mixed",
+          "small conv+BN net whose first batch norm updates its moving averages in place "
+          "(updates_collections=None) and the second through UPDATE_OPS, fixed 16x16, weight "
+          "decay.",
+          "in_place_and_collection_bn_updates",
+          build_bn_in_place_mixed, image_size=(16, 16)),
         C("inference_only_asset",
           "only the set() graph (no train tag) and an asset file assets/labels.txt registered "
           "in ASSET_FILEPATHS.",
@@ -908,6 +926,12 @@ def record_goldens(case, path):
                               key=lambda op: op.name)
             fetch = {"out": out, "rand": {op.name[len(scope):]: op.outputs[0] for op in rand_ops},
                      "reg": tf1.losses.get_regularization_loss()}
+            # A batch norm that updates in place (updates_collections=None) does so when the
+            # output runs: then the update ops run in that same session.run, as in one training
+            # step (run apart, a later batch norm's update would run the in-place one again).
+            in_place = any(op.type in ASSIGN_OP_TYPES for op in _ancestors(list(out.values())))
+            if s == "default" and in_train_graph and in_place:
+                fetch["updates"] = updates
             unseeded = [op for op in rand_ops if _unseeded(op)]
             nodrop = case.nodropout.get(s, {})
             if nodrop:
@@ -973,7 +997,8 @@ def record_goldens(case, path):
                     # The same random values as the run above (drop path feeds batch norms).
                     for k, v in res["rand"].items():
                         feed[g.get_tensor_by_name(scope + k + ":0")] = v
-                    sess.run(updates, feed)
+                    if not in_place:
+                        sess.run(updates, feed)
                     after = sess.run({n: var_map[n] for n in names_nt})
                     for n in names_nt:
                         arrays["moving_before/" + n] = np.asarray(moving_before[n], np.float32)

@@ -39,6 +39,7 @@ def convertible_fixture_names() -> list[str]:
 # The family (`migrate.batch_family`) of each committed fixture: the root
 # scope of its variables, as the builders in legacy_fixtures/generate.py name it.
 FIXTURE_FAMILIES = {
+    "bn_in_place_mixed": "mixednet",
     "classifier_probabilities": "classifier", "efficientnet_defun_swish": "efficientnet",
     "efficientnet_tf2_swish": "efficientnet", "inception_v2_tiny": "inception_v2",
     "inception_v3_tiny": "inception_v3", "inference_only_asset": "assetnet",
