@@ -601,6 +601,15 @@ def build(module: legacy_format.LegacyModule,
   if rewritten:
     notes.append(f"{rewritten} reference variables (VariableV2) were rewritten "
                  f"to resource variables, their update ops included.")
+  renamed = sorted({(name, sig.renamed_images_input)
+                    for name, sig in module.inference.signatures.items()
+                    if sig.renamed_images_input})
+  if renamed:
+    notes.append(
+        "The module's signatures " + ", ".join(f"'{n}' (input '{k}')" for n, k in renamed)
+        + " take their images under another key than 'images' (as "
+        "hub.add_signature(inputs=images) names it); the converted model's "
+        "signatures call it 'images'.")
   repairs = {}
   for tags in list(graph_defs):
     graph_defs[tags], repairs[tags] = graph_rewrite.repair_gradients(

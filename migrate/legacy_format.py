@@ -120,6 +120,9 @@ class Signature:
   name: str
   inputs: Mapping[str, TensorSpecInfo]
   outputs: Mapping[str, TensorSpecInfo]
+  # The module's own key of the input known here as "images", where it was
+  # another (see `_images_key`); None if it was "images".
+  renamed_images_input: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,16 +314,40 @@ def _check_tensors_exist(mg: meta_graph_pb2.MetaGraphDef, name: str,
             f"the graph, found '{info.tensor_name}', which is not in it")
 
 
+IMAGES_INPUT = "images"  # The input of the image signatures ("Common Signatures for Images").
+
+
+def _images_key(inputs: Mapping[str, TensorSpecInfo]) -> Optional[str]:
+  """The key of a signature's only input when it is not 'images' but holds
+  images (float32, rank 4 or unknown, 3 or unknown channels): what
+  `hub.add_signature(inputs=images)` makes ('default'), which `hub.Module`
+  callers never name (`module(images)`)."""
+  if len(inputs) != 1 or IMAGES_INPUT in inputs:
+    return None
+  key, info = next(iter(inputs.items()))
+  if info.dtype != tf.float32 or info.rank not in (None, 4):
+    return None
+  if info.shape is not None and info.shape[3] not in (None, 3):
+    return None
+  return key
+
+
 def _signatures(mg: meta_graph_pb2.MetaGraphDef,
                 where: str) -> dict[str, Signature]:
+  """The signatures; an image input under another key (`_images_key`) is
+  known as 'images' here, and so in the converted model."""
   result = {}
   for name, sig in sorted(mg.signature_def.items()):
+    inputs = {k: _tensor_info(v, f"{where} signature '{name}' input '{k}'")
+              for k, v in sorted(sig.inputs.items())}
+    renamed = _images_key(inputs)
+    if renamed is not None:
+      inputs = {IMAGES_INPUT: inputs[renamed]}
     result[name] = Signature(
-        name=name,
-        inputs={k: _tensor_info(v, f"{where} signature '{name}' input '{k}'")
-                for k, v in sorted(sig.inputs.items())},
+        name=name, inputs=inputs,
         outputs={k: _tensor_info(v, f"{where} signature '{name}' output '{k}'")
-                 for k, v in sorted(sig.outputs.items())})
+                 for k, v in sorted(sig.outputs.items())},
+        renamed_images_input=renamed)
     _check_tensors_exist(mg, name, result[name], where)
   return result
 

@@ -17,7 +17,7 @@ from migrate import errors
 from migrate import graph_rewrite
 from migrate import legacy_format
 
-IMAGES_INPUT = "images"
+IMAGES_INPUT = legacy_format.IMAGES_INPUT
 DEFAULT_SIGNATURE = "default"
 DEFAULT_OUTPUT_KEY = "default"
 FEATURE_VECTOR = "image_feature_vector"

@@ -218,6 +218,37 @@ def test_single_output_under_a_non_default_key(convert_cached):
   assert obj.metadata.num_classes.numpy() == gold[f"infer/{signature}/{key}/{batch}"].shape[1]
 
 
+def test_images_under_another_input_key(tmp_path):
+  """`hub.add_signature(inputs=images)` names the only input 'default'
+  (callers of hub.Module never name it): the module converts with full
+  parity, and the converted signatures call the input 'images'."""
+  from tests import bad_inputs as bi  # pylint: disable=g-import-not-at-top
+  name = "resnet_v2_tiny"
+  meta, gold = golden_meta(name), golden_arrays(name)
+
+  def rename(sm):
+    for mg in sm.meta_graphs:
+      for sig in mg.signature_def.values():
+        sig.inputs["default"].CopyFrom(sig.inputs["images"])
+        del sig.inputs["images"]
+  src = bi.copy_fixture(name, str(tmp_path / "src"))
+  bi.edit_saved_model(src, rename)
+  dst = str(tmp_path / "out")
+  result = convert.convert(src, dst)
+  assert result.verified
+  assert any("input 'default'" in note for note in result.notes), result.notes
+  obj = tf.saved_model.load(dst)
+  for batch in meta["batches"]:
+    images = gold[f"images/{batch}"]
+    np.testing.assert_allclose(
+        obj(images), gold[f"infer/image_feature_vector/default/{batch}"],
+        rtol=RTOL, atol=ATOL)
+    served = obj.signatures["image_classification"](images=tf.constant(images))
+    np.testing.assert_allclose(
+        served["default"], gold[f"infer/image_classification/default/{batch}"],
+        rtol=RTOL, atol=ATOL)
+
+
 def test_signature_and_output_key_selection(tmp_path):
   src = module_path("resnet_v2_tiny")
   gold = golden_arrays("resnet_v2_tiny")
