@@ -152,10 +152,16 @@ class Checkpoint:
           f"{type(e).__name__}: {errors.first_line(e)}") from None
     missing = [n for n in names if n not in self.shapes]
     if missing:
+      inference = {v.name for v in module.inference.variables}
+      only_train = (module.train is not None and
+                    not any(n in inference for n in missing))
       raise errors.CorruptModuleError(
           f"{self.prefix}: the variables index does not match the graph: "
           f"expected {len(names)} variables, missing {len(missing)} (e.g. "
-          f"'{missing[0]}')")
+          f"'{missing[0]}')" + (
+              ", all of them the train graph's only: the module was exported "
+              "from its inference graph, and hub.Module cannot load its train "
+              "graph either" if only_train else ""))
 
   def value(self, name: str):
     """The value of variable `name` (a NumPy array)."""
