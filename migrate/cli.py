@@ -197,6 +197,10 @@ class _Command:
     return f"{PROG} {(self.name + ' ') if self.name else ''}[flags] " + " ".join(
         a for a, _ in self.arguments)
 
+  def flag_fields(self) -> set[str]:
+    """The names of the fields its flags set."""
+    return {a.dest for a in self.parser()._actions}  # pylint: disable=protected-access
+
   def parser(self) -> _Parser:
     def item(name: str, text: str, width: int) -> list[str]:
       return textwrap.wrap(text, 79, initial_indent=f"  {name:<{width}} ",
@@ -326,7 +330,18 @@ def _parse(command: _Command, args: Sequence[str]) -> argparse.Namespace:
   return parsed
 
 
-def _options(args: argparse.Namespace) -> options_lib.ConvertOptions:
+def parse(args: Sequence[str]) -> argparse.Namespace:
+  """A command line without the program name, parsed: `command` (None for
+  a conversion, "verify" or "batch"), `paths`, and a field per flag
+  (`convert_options()` makes the ConvertOptions of them). `_UsageError` for a wrong
+  command line; `--help` and `--version` print and exit 0 (SystemExit)."""
+  command, given = _command(args)
+  parsed = _parse(command, given)
+  parsed.command = command.name
+  return parsed
+
+
+def convert_options(args: argparse.Namespace) -> options_lib.ConvertOptions:
   """The ConvertOptions of the flags given (a flag sets the field of its name)."""
   return options_lib.ConvertOptions(**{
       f.name: getattr(args, f.name) for f in dataclasses.fields(
@@ -463,7 +478,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
   from migrate import keras_format
   from migrate import preflight
   from migrate import staging
-  options = _options(args)
+  options = convert_options(args)
   try:
     keras_format.check_format(dst, options.output_format)
   except errors.UsageError as e:
@@ -505,7 +520,7 @@ def _verify(args: argparse.Namespace, old: str, new: str) -> int:
   from migrate import isolation
   from migrate import keras_format
   from migrate import preflight
-  options = _options(args)
+  options = convert_options(args)
   preflight.check_source(old)
   if keras_format.is_keras_path(new):
     keras_format.check_converted(new)
@@ -535,7 +550,7 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
   from migrate import batch
   from migrate import batch_report
   from migrate import errors
-  options = _options(args)
+  options = convert_options(args)
   try:
     for path in _report_paths(args):
       batch_report.report_format(path)
@@ -632,13 +647,12 @@ def main(argv: Sequence[str]) -> int:
   """Runs one command; returns its exit code (never raises for user errors)."""
   args = argparse.Namespace(verbose=False)
   try:
-    command, given = _command(argv[1:])
     try:
-      args = _parse(command, given)
+      args = parse(argv[1:])
     except SystemExit as e:  # --help, --version: printed.
       return e.code or ExitCode.OK
     args.verbose = getattr(args, "verbose", False)
-    run = {None: _convert, "verify": _verify, "batch": _batch}[command.name]
+    run = {None: _convert, "verify": _verify, "batch": _batch}[args.command]
     return run(args, *args.paths)
   except _UsageError as e:
     _print_error(f"{e} (see --help)")

@@ -84,22 +84,22 @@ def test_keywords_build_the_options_and_unknown_ones_are_refused():
 
 
 def test_every_field_has_the_flag_of_its_name():
-  flags = {a.dest for c in cli.COMMANDS for a in c.parser()._actions}  # pylint: disable=protected-access
+  flags = set().union(*(c.flag_fields() for c in cli.COMMANDS))
   fields = {f.name for f in dataclasses.fields(ConvertOptions)}
   assert fields - API_ONLY <= flags, sorted(fields - API_ONLY - flags)
   assert not API_ONLY & flags
 
 
 def test_the_cli_builds_the_options_from_its_flags():
-  command, args = cli._command(["--signature=s", "batch", "a", "b", "--noverify",  # pylint: disable=protected-access
-                                "--overwrite=true", "--format", "keras", "--timeout=0"])
-  assert command.name == "batch"
-  parsed = cli._parse(command, args)  # pylint: disable=protected-access
+  parsed = cli.parse(["--signature=s", "batch", "a", "b", "--noverify",
+                      "--overwrite=true", "--format", "keras", "--timeout=0"])
+  assert parsed.command == "batch"
   assert parsed.paths == ["a", "b"]
-  assert cli._options(parsed) == ConvertOptions(  # pylint: disable=protected-access
+  assert cli.convert_options(parsed) == ConvertOptions(
       signature="s", verify=False, overwrite=True, output_format="keras", timeout=0.0)
-  parsed = cli._parse(cli.COMMANDS[0], ["a", "--verify=false", "b"])  # pylint: disable=protected-access
-  assert cli._options(parsed) == ConvertOptions(verify=False)  # pylint: disable=protected-access
+  parsed = cli.parse(["a", "--verify=false", "b"])
+  assert parsed.command is None
+  assert cli.convert_options(parsed) == ConvertOptions(verify=False)
 
 
 def test_the_options_and_the_cli_import_no_tensorflow():
