@@ -179,13 +179,15 @@ def _run_until(args, parent: str, trigger: str, signum: int, to_group: bool):
 
 def test_interrupts_say_whether_dst_is_complete_and_leave_nothing(tmp_path):
   """Ctrl-C (to the process group) and SIGTERM (to the CLI), once the model
-  is staged and once DST has appeared: exit 130/143 with one line that says
-  the truth, and no staged directory beside DST."""
+  is staged and once DST has appeared, and SIGHUP (to the group) once it is
+  staged: exit 130/143/129 with one line that says the truth, and no staged
+  directory beside DST."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   src = bi.copy_fixture(FIXTURE, str(tmp_path / "src"))
   digest = bi.tree_digest(src)
   scenarios = [(trigger, signum) for trigger in ("staged", "dst")
                for signum in (signal.SIGINT, signal.SIGTERM)]
+  scenarios.append(("staged", signal.SIGHUP))  # The terminal closed.
 
   def one(scenario):
     trigger, signum = scenario
@@ -193,7 +195,7 @@ def test_interrupts_say_whether_dst_is_complete_and_leave_nothing(tmp_path):
     parent.mkdir()
     dst = str(parent / "out")
     code, err = _run_until([src, dst], str(parent), trigger, signum,
-                           to_group=signum == signal.SIGINT)
+                           to_group=signum != signal.SIGTERM)
     return dst, code, err
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     results = list(pool.map(one, scenarios))
@@ -209,7 +211,7 @@ def test_interrupts_say_whether_dst_is_complete_and_leave_nothing(tmp_path):
     lines = err.splitlines()
     assert len(lines) == 1 and src in lines[0], info
     assert ("interrupted (Ctrl-C)" if signum == signal.SIGINT
-            else "terminated (SIGTERM)") in lines[0], info
+            else f"terminated ({signal.Signals(signum).name})") in lines[0], info
     if state == "complete":
       assert f"{dst} is complete and verified" in lines[0], info
     else:
