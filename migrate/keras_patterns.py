@@ -91,6 +91,12 @@ class Graph:
         if not ref.startswith("^"):
           self.consumers.setdefault(tensor_key(ref), []).append((n.name, i))
     self.update_ops = list(update_ops)
+    # Moving-average updates: UPDATE_OPS first, then those a batch norm runs
+    # in place (slim's updates_collections=None), which no collection lists.
+    listed = {node_name(u) for u in self.update_ops}
+    self.moving_average_updates = [node_name(u) for u in self.update_ops] + [
+        n.name for n in graph_def.node
+        if n.op in ("AssignSubVariableOp", "AssignSub") and n.name not in listed]
     self.hparam_defaults = dict(hparam_defaults or {})
     self.hparams_used: set[str] = set()
 
@@ -264,11 +270,29 @@ def _bias_add(g: Graph, node) -> Optional[Match]:
   return match
 
 
+def _in_place_variable(g: Graph, batch_stat: str) -> Optional[str]:
+  """The variable an in-place update `v -= (v - stat) * f` moves towards
+  `batch_stat` (slim's updates_collections=None: the batch norm's own mean
+  and variance inputs are then empty constants)."""
+  for name in g.moving_average_updates:
+    update = g.nodes.get(name)
+    if update is None or update.op not in ("AssignSubVariableOp", "AssignSub"):
+      continue
+    mul = g.node(update.input[1])
+    for ref in mul.input if mul.op == "Mul" else ():
+      diff = g.node(ref)
+      if (diff.op == "Sub" and len(diff.input) > 1 and
+          tensor_key(diff.input[1]) == tensor_key(batch_stat)):
+        return g.variable(update.input[0])
+  return None
+
+
 def _moving_average_decay(g: Graph, variable: str, batch_stat: str
                           ) -> tuple[Optional[float], Optional[str]]:
-  """(decay, update op) of the UPDATE_OPS entry `v -= (v - stat) * (1 - decay)`."""
-  for name in g.update_ops:
-    update = g.nodes.get(node_name(name))
+  """(decay, update op) of the update `v -= (v - stat) * (1 - decay)`, in
+  UPDATE_OPS or run in place."""
+  for name in g.moving_average_updates:
+    update = g.nodes.get(name)
     if update is None or update.op not in ("AssignSubVariableOp", "AssignSub"):
       continue
     if g.variable(update.input[0]) != variable:
@@ -312,6 +336,8 @@ def _fused_batch_norm(g: Graph, node) -> Match:
     config["scale" if key == "gamma" else "center"] = False
   for index, key in ((3, "moving_mean"), (4, "moving_variance")):
     var = g.variable(node.input[index])
+    if var is None and _attr(node, "is_training"):
+      var = _in_place_variable(g, f"{node.name}:{index - 2}")
     if var is None:
       raise Refusal(node.name, node.op, f"its {key} is not a variable")
     weights[key] = var
@@ -322,7 +348,7 @@ def _fused_batch_norm(g: Graph, node) -> Match:
       decay, update = _moving_average_decay(g, weights[key], f"{node.name}:{port}")
       if update is None:
         raise Refusal(node.name, node.op, f"batch norm in training mode without "
-                      f"an update of its {key} in UPDATE_OPS")
+                      f"an update of its {key} (in UPDATE_OPS or in place)")
       if decay is None:
         raise Refusal(update, g.node(update).op, "an update of a moving "
                       "average whose decay is not a constant")
