@@ -317,15 +317,19 @@ def _check_tensors_exist(mg: meta_graph_pb2.MetaGraphDef, name: str,
 IMAGES_INPUT = "images"  # The input of the image signatures ("Common Signatures for Images").
 
 
-def _images_key(inputs: Mapping[str, TensorSpecInfo]) -> Optional[str]:
-  """The key of a signature's only input when it is not 'images' but holds
-  images (float32, rank 4 or unknown, 3 or unknown channels): what
-  `hub.add_signature(inputs=images)` makes ('default'), which `hub.Module`
-  callers never name (`module(images)`)."""
+def _images_key(inputs: Mapping[str, TensorSpecInfo],
+                images_tensors: set[str]) -> Optional[str]:
+  """The key of a signature's only input when it holds images under another
+  key than 'images': 'default', what `hub.add_signature(inputs=images)`
+  makes and `hub.Module` callers never name (`module(images)`), if it is
+  float32 of rank 4 (or unknown) with 3 (or unknown) channels; or any key
+  whose tensor is another signature's 'images'."""
   if len(inputs) != 1 or IMAGES_INPUT in inputs:
     return None
   key, info = next(iter(inputs.items()))
-  if info.dtype != tf.float32 or info.rank not in (None, 4):
+  if info.tensor_name in images_tensors:
+    return key
+  if key != "default" or info.dtype != tf.float32 or info.rank not in (None, 4):
     return None
   if info.shape is not None and info.shape[3] not in (None, 3):
     return None
@@ -337,10 +341,13 @@ def _signatures(mg: meta_graph_pb2.MetaGraphDef,
   """The signatures; an image input under another key (`_images_key`) is
   known as 'images' here, and so in the converted model."""
   result = {}
+  images_tensors = {sig.inputs[IMAGES_INPUT].name
+                    for sig in mg.signature_def.values()
+                    if IMAGES_INPUT in sig.inputs}
   for name, sig in sorted(mg.signature_def.items()):
     inputs = {k: _tensor_info(v, f"{where} signature '{name}' input '{k}'")
               for k, v in sorted(sig.inputs.items())}
-    renamed = _images_key(inputs)
+    renamed = _images_key(inputs, images_tensors)
     if renamed is not None:
       inputs = {IMAGES_INPUT: inputs[renamed]}
     result[name] = Signature(

@@ -167,7 +167,8 @@ def _hparams(module: legacy_format.LegacyModule, signature: str,
   hsig = sigs.get(name)
   if hsig is None:
     return [], None
-  if hsig.inputs.get(IMAGES_INPUT, images).tensor_name != images.tensor_name:
+  hsig_images = hsig.inputs.get(IMAGES_INPUT)
+  if hsig_images is None or hsig_images.tensor_name != images.tensor_name:
     return [], None
   defaults = {name: float(value) for name, value in
               legacy_format.placeholder_defaults(module.inference.graph_def).items()

@@ -131,16 +131,12 @@ def text_module(root):
 def no_image_signature(root):
   src = _copy(root)
 
-  # Two inputs, neither 'images': which holds the images is not for the tool
-  # to guess (a single one under another key is read as 'images').
   def rename(_, sig):
     sig.inputs["pixels"].CopyFrom(sig.inputs["images"])
-    sig.inputs["mask"].CopyFrom(sig.inputs["images"])
     del sig.inputs["images"]
   bi.edit_signatures(src, rename)
   return _convert_case(src, root, ExitCode.UNSUPPORTED,
-                       [src, "expected an input 'images'",
-                        "found inputs: mask, pixels"])
+                       [src, "expected an input 'images'", "found inputs: pixels"])
 
 
 @case
