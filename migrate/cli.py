@@ -384,6 +384,8 @@ def _on_signal(signum, frame) -> None:  # pylint: disable=unused-argument
 
 def _install_signal_handlers() -> None:
   for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    if signal.getsignal(signum) is signal.SIG_IGN:
+      continue  # Ignored by who started us (nohup: SIGHUP), as Python does.
     signal.signal(signum, _on_signal)
 
 
@@ -429,17 +431,34 @@ def _report_paths(args: argparse.Namespace) -> list[str]:
   return [p.strip() for p in getattr(args, "report", "").split(",") if p.strip()]
 
 
-def _open_reports(args: argparse.Namespace, *inputs: str) -> list:
-  """The --report files, checked before the run (`staging.ReportFile`): an
-  input is never written, and a wrong path costs no conversion."""
+def _open_reports(args: argparse.Namespace, *protected: str) -> list:
+  """The --report files, checked before the run (`staging.ReportFile`): no
+  input or output is written by them, and a wrong path costs no conversion."""
   from migrate import staging  # pylint: disable=g-import-not-at-top
-  return [staging.ReportFile(path, inputs=inputs) for path in _report_paths(args)]
+  reports: list = []
+  try:
+    for path in _report_paths(args):
+      reports.append(staging.ReportFile(path, protected=protected))
+  except BaseException:
+    for report in reports:
+      report.close()
+    raise
+  return reports
 
 
-def _write_report(reports: list, text: str) -> None:
+def _write_reports(reports: list, render: Callable[[str], str]) -> Optional[str]:
+  """Writes `render(path)` to each report and closes them; the first
+  failure's line, or None. A report that cannot be written must not hide
+  what happened to the model, so the caller says both."""
+  failed = None
   for report in reports:
-    if text:
-      report.write(text)
+    try:
+      report.write(render(report.path))
+    except MigrationError as e:
+      failed = failed or str(e)
+    finally:
+      report.close()
+  return failed
 
 
 def _reference_child(src: str, dst: str) -> bool:
@@ -487,7 +506,7 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
   # worker imports TensorFlow; the worker checks again and goes deeper.
   preflight.check_source(src)
   preflight.check_destination(src, dst, overwrite=options.overwrite)
-  reports = _open_reports(args, src)
+  reports = _open_reports(args, src, dst)
   before = staging.path_identity(dst)
   try:
     try:
@@ -498,17 +517,24 @@ def _convert(args: argparse.Namespace, src: str, dst: str) -> int:
     except errors.ParityError as e:
       if e.table:
         _print_out(e.table)
-      _write_report(reports, e.report_json)
+      failed = _write_reports(reports, lambda _: e.report_json)
+      if failed:
+        raise errors.ParityError(f"{e}; and {failed}") from None
       raise
     except (errors.WorkerCrashedError, errors.WorkerTimeoutError,
             errors.ResourceLimitError) as e:
       # The worker renames the finished model into place, then sends its
       # summary: dying between the two leaves DST complete.
       raise staging.settled(e, dst, before, verified=options.verify) from None
+    failed = None
     if result["parity"]:
       _print_out(result["parity"]["table"])
-      _write_report(reports, result["parity"]["json"])
+      failed = _write_reports(reports, lambda _: result["parity"]["json"])
     _print_conversion(result)
+    if failed:
+      raise errors.OutputError(
+          f"{failed}; {dst} is complete"
+          f"{' and verified' if options.verify else ''}")
   except (KeyboardInterrupt, _Terminated) as e:
     raise staging.settled(_interruption(e, src), dst, before,
                           verified=options.verify) from None
@@ -535,11 +561,14 @@ def _verify(args: argparse.Namespace, old: str, new: str) -> int:
   except (KeyboardInterrupt, _Terminated) as e:
     raise _interruption(e, old) from None
   _print_out(report["table"])
-  _write_report(reports, report["json"])
+  failed = _write_reports(reports, lambda _: report["json"])
   if not report["passed"]:
     raise errors.ParityError(f"{new}: parity with {old} fails: "
-                             f"{report['first_failure']}")
+                             f"{report['first_failure']}"
+                             + (f"; and {failed}" if failed else ""))
   _print_out(f"verified {new} against {old}: {report['summary']}")
+  if failed:
+    raise errors.OutputError(f"{failed}; {new} passed verification")
   return ExitCode.OK
 
 
@@ -556,7 +585,6 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
       batch_report.report_format(path)
   except errors.UsageError as e:
     raise _UsageError(str(e)) from None
-  reports = _open_reports(args, src_root)
   manifest = getattr(args, "manifest", None)
   if manifest:
     sources = batch.read_manifest(manifest, src_root, dst_root)
@@ -566,6 +594,9 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
     raise errors.InputNotFoundError(
         f"{src_root}: expected TF1 Hub modules (directories with "
         f"tfhub_module.pb, or .tar.gz module archives), found none")
+  from migrate import batch_sources  # pylint: disable=g-import-not-at-top
+  reports = _open_reports(args, src_root, *(
+      s.location for s in sources if not batch_sources.is_url(s.location)))
 
   # Progress on stderr: a bar on a terminal, otherwise a line every ~15 s.
   tty = sys.stderr.isatty()
@@ -634,8 +665,10 @@ def _batch(args: argparse.Namespace, src_root: str, dst_root: str) -> int:
     if bar is not None:
       bar.close()
   _print_out(report.format_summary())
-  for file in reports:
-    file.write(report.render(file.path))
+  failed = _write_reports(reports, report.render)
+  if failed:
+    raise errors.OutputError(
+        f"{failed}; the batch itself finished: {report.summary()}")
   return report.exit_code
 
 

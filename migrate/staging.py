@@ -385,31 +385,30 @@ class ReportFile:
   """A file written beside the model (`--report`), placed the way DST is.
 
   Checked when the run starts, so that a wrong path costs no conversion: its
-  parent must exist and is held open from then on, and what the name holds,
-  if anything, must be a regular file or a symlink (which is replaced, never
-  written through). At the end the text is written to a temporary file in
-  the held directory and renamed over the name, after checking again that
-  the directory is where it was and lies outside every input.
+  parent must exist and is held open from then on; what the name holds, if
+  anything, must be a regular file or a symlink (which is replaced, never
+  written through), and neither an input nor the output (`protected`: SRC,
+  OLD, NEW, DST), nor inside one. At the end the text is written to a
+  temporary file in the held directory and renamed over the name, after
+  checking again that the directory is where it was and outside them.
+  Every failure is an `OutputError`.
   """
 
-  def __init__(self, path: str, *, inputs: tuple[str, ...] = ()):
+  def __init__(self, path: str, *, protected: tuple[str, ...] = ()):
     self.path = path
+    self.fd = -1
     absolute = os.path.abspath(path)
     self.name = os.path.basename(absolute)
     self.parent = os.path.dirname(absolute)
     fileutil.check_utf8(path, "a report path")
-    if not self.name or self.name in (".", ".."):
+    if path.endswith(os.sep) or not self.name or self.name in (".", ".."):
       raise errors.OutputError(f"{path}: expected a report file name, found "
-                               f"'{self.name or '/'}'")
+                               f"a directory path")
+    self.protected = [(given, os.path.abspath(given), path_identity(given))
+                      for given in protected]
     try:
       self.fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-      raise errors.OutputError(
-          f"{path}: expected an existing directory for the report, found "
-          f"{self.parent}: {e.strerror or type(e).__name__}") from None
-    self.parent_identity = identity(os.fstat(self.fd))
-    self.inputs = [(given, path_identity(given)) for given in inputs]
-    try:
+      self.parent_identity = identity(os.fstat(self.fd))
       self._check_placement()
       try:
         st = os.lstat(self.name, dir_fd=self.fd)
@@ -419,17 +418,28 @@ class ReportFile:
         raise errors.OutputError(
             f"{path}: expected a report file to replace, found "
             f"{'a directory' if stat.S_ISDIR(st.st_mode) else 'a special file'}")
+    except OSError as e:
+      self.close()
+      raise errors.OutputError(
+          f"{path}: expected a report path in an existing, searchable "
+          f"directory, found {e.strerror or type(e).__name__}") from None
     except BaseException:
       self.close()
       raise
 
   def _check_placement(self) -> None:
     above = ancestors(self.fd)
-    for given, found in self.inputs:
-      if found is not None and found in above:
+    try:
+      here = identity(os.stat(self.name, dir_fd=self.fd))
+    except OSError:
+      here = None
+    for given, absolute, found in self.protected:
+      if (found is not None and (found in above or found == here)) or (
+          absolute == os.path.join(self.parent, self.name) or
+          os.path.join(self.parent, self.name).startswith(absolute + os.sep)):
         raise errors.OutputError(
-            f"{self.path}: expected a report path outside the input {given}, "
-            f"found it inside (the input is never modified)")
+            f"{self.path}: expected a report path outside {given}, found it "
+            f"there (the input and the output are never written by the report)")
     if path_identity(self.parent) != self.parent_identity:
       raise errors.OutputError(
           f"{self.path}: expected its directory {self.parent} to stay in "
@@ -438,9 +448,9 @@ class ReportFile:
 
   def write(self, text: str) -> None:
     """Replaces the file with `text`, whole (mode from the umask)."""
-    self._check_placement()
     tmp = f".{self.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+      self._check_placement()
       fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                    os.O_CLOEXEC, 0o666, dir_fd=self.fd)
       with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -454,6 +464,9 @@ class ReportFile:
           f"{self.path}: expected a writable report file, found "
           f"{e.strerror or type(e).__name__}; the report was not written"
       ) from None
+    except BaseException:
+      _rmtree(tmp, self.fd)
+      raise
 
   def close(self) -> None:
     if self.fd >= 0:

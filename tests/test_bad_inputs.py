@@ -960,7 +960,7 @@ def report_inside_src(root):
   src = _copy(root)
   report = os.path.join(src, "saved_model.pb")
   return _convert_case(src, root, ExitCode.OUTPUT,
-                       [report, "expected a report path outside the input"],
+                       [report, "expected a report path outside", src],
                        f"--report={report}")
 
 
@@ -978,7 +978,7 @@ def report_is_a_directory(root):
 def report_in_a_missing_directory(root):
   report = os.path.join(root, "no", "r.json")
   return _convert_case(_copy(root), root, ExitCode.OUTPUT,
-                       [report, "expected an existing directory for the report"],
+                       [report, "expected a report path in an existing, searchable directory"],
                        f"--report={report}")
 
 

@@ -181,3 +181,51 @@ def test_a_cut_short_overwrite_is_put_back(tmp_path):
   assert len(removed) == 2
   assert (dst / "old_model").read_text() == "previous"
   assert [n for n in os.listdir(tmp_path) if ".migrate-" in n] == []
+
+
+# -- the --report file (staging.ReportFile) -------------------------------------------
+
+def test_a_report_whose_directory_is_swapped_mid_run_never_lands_in_src(tmp_path):
+  src = _module(tmp_path)
+  digest = fileutil.tree_sha256(src)
+  reports = tmp_path / "reports"
+  reports.mkdir()
+  report = staging.ReportFile(str(reports / "r.json"), protected=(src,))
+  os.rename(reports, tmp_path / "moved")
+  os.symlink(src, reports)  # The path now leads into SRC.
+  with pytest.raises(errors.OutputError, match="replaced or moved"):
+    report.write("{}")
+  report.close()
+  assert fileutil.tree_sha256(src) == digest
+  assert os.listdir(tmp_path / "moved") == []
+
+
+@pytest.mark.parametrize("where", ["input_file", "output", "inside_output",
+                                   "inside_input", "too_long", "trailing_slash"])
+def test_a_report_may_not_replace_an_input_or_the_output(tmp_path, where):
+  src = _module(tmp_path)
+  new = tmp_path / "new.keras"
+  new.write_bytes(b"model")
+  dst = tmp_path / "dst"
+  dst.mkdir()
+  path = {"input_file": str(new), "output": str(dst),
+          "inside_output": str(dst / "r.json"),
+          "inside_input": os.path.join(src, "r.json"),
+          "too_long": str(tmp_path / ("r" * 300)),
+          "trailing_slash": str(tmp_path / "r") + "/"}[where]
+  with pytest.raises(errors.OutputError) as info:
+    staging.ReportFile(path, protected=(src, str(new), str(dst)))
+  assert "\n" not in str(info.value)
+  assert new.read_bytes() == b"model" and os.listdir(dst) == []
+
+
+def test_a_report_replaces_a_symlink_never_what_it_points_to(tmp_path):
+  target = tmp_path / "target.json"
+  target.write_text("keep")
+  (tmp_path / "r.json").symlink_to(target)
+  report = staging.ReportFile(str(tmp_path / "r.json"))
+  report.write('{"a": 1}')
+  report.close()
+  assert target.read_text() == "keep"
+  assert (tmp_path / "r.json").read_text() == '{"a": 1}'
+  assert not (tmp_path / "r.json").is_symlink()
