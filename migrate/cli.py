@@ -69,10 +69,9 @@ def _non_negative(text: str) -> float:
 
 
 def _gib(text: str) -> float:
-  """GiB: non-negative, at most 2**20 (a PiB; more is no limit the kernel
-  can hold)."""
+  """GiB: non-negative, at most `options.MAX_MEMORY_LIMIT_GIB`."""
   value = _non_negative(text)
-  if value > 2**20:
+  if value > options_lib.MAX_MEMORY_LIMIT_GIB:
     raise ValueError(text)
   return value
 

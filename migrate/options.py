@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Optional
+
+from migrate import errors
 
 FORMAT_SAVEDMODEL = "savedmodel"
 FORMAT_KERAS = "keras"
@@ -35,6 +38,10 @@ def _option(default: Any, *, fingerprint: bool = False,
   return dataclasses.field(default=default, metadata={
       "fingerprint": fingerprint,
       "recorded_before": default if recorded_before is _DEFAULT else recorded_before})
+
+
+# GiB: more is no limit the kernel can hold (a PiB).
+MAX_MEMORY_LIMIT_GIB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,12 @@ class ConvertOptions:
   def __post_init__(self):
     if self.keras_backends is not None and not isinstance(self.keras_backends, tuple):
       object.__setattr__(self, "keras_backends", tuple(self.keras_backends))
+    for name, most in (("timeout", math.inf), ("memory_limit", MAX_MEMORY_LIMIT_GIB)):
+      value = getattr(self, name)
+      if value is not None and not (0 <= value <= most and math.isfinite(value)):
+        upto = "" if most == math.inf else f" to {most}"
+        raise errors.UsageError(f"{name}: expected a finite number from 0"
+                                f"{upto}, found {value!r}")
 
   def replace(self, **changes: Any) -> "ConvertOptions":
     """A copy with `changes` (unknown names: TypeError, as for a keyword)."""

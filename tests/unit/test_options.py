@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from migrate import cli
+from migrate import errors
 from migrate import options as options_lib
 from migrate.options import ConvertOptions
 from tests.conftest import REPO
@@ -106,3 +107,11 @@ def test_the_options_and_the_cli_import_no_tensorflow():
   code = ("import sys, migrate.options, migrate.cli, migrate.batch; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow'")
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("field, value", [("timeout", float("inf")), ("timeout", -1.0),
+                                          ("memory_limit", float("nan")),
+                                          ("memory_limit", 1e30)])
+def test_limits_must_be_finite_and_in_range(field, value):
+  with pytest.raises(errors.UsageError, match=field):
+    ConvertOptions(**{field: value})
