@@ -17,8 +17,8 @@ import dataclasses
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 from typing import Iterator, Optional
 
 from migrate import errors
@@ -233,24 +233,32 @@ def directory_size(path: str) -> int:
   return total
 
 
-def atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str, *, dir_fd: Optional[int] = None) -> None:
   """Writes `text` to `path` through a temporary file beside it (fsync,
-  rename): a reader sees the old file or the new one, never a part. The
-  file's mode follows the umask, as `open(path, "w")` would make it (a
-  temporary file is private)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-",
-                             dir=directory)
+  rename): a reader sees the old file or the new one, never a part. With
+  `dir_fd`, `path` is a name in that open directory, and everything happens
+  relative to it. The file's mode follows the umask, as `open(path, "w")`
+  would make it; a symlink at `path` is replaced, not written through."""
+  if dir_fd is None:
+    absolute = os.path.abspath(path)
+    fd = os.open(os.path.dirname(absolute), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+      atomic_write(os.path.basename(absolute), text, dir_fd=fd)
+    finally:
+      os.close(fd)
+    return
+  tmp = f".{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
   try:
-    os.fchmod(fd, 0o666 & ~current_umask())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                 os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
   except BaseException:
     try:
-      os.unlink(tmp)
+      os.unlink(tmp, dir_fd=dir_fd)
     except OSError:
       pass
     raise

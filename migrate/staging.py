@@ -447,26 +447,16 @@ class ReportFile:
           f"not written")
 
   def write(self, text: str) -> None:
-    """Replaces the file with `text`, whole (mode from the umask)."""
-    tmp = f".{self.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    """Replaces the file with `text`, whole (`fileutil.atomic_write` in the
+    held directory)."""
     try:
       self._check_placement()
-      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                   os.O_CLOEXEC, 0o666, dir_fd=self.fd)
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+      fileutil.atomic_write(self.name, text, dir_fd=self.fd)
     except OSError as e:
-      _rmtree(tmp, self.fd)
       raise errors.OutputError(
           f"{self.path}: expected a writable report file, found "
           f"{e.strerror or type(e).__name__}; the report was not written"
       ) from None
-    except BaseException:
-      _rmtree(tmp, self.fd)
-      raise
 
   def close(self) -> None:
     if self.fd >= 0:
