@@ -92,8 +92,8 @@ def discover(src_root: str, dst_root: str) -> list[Source]:
   A directory holding `tfhub_module.pb` is a module (its subdirectories are
   not searched); `*.tar.gz` / `*.tgz` files are module archives
   (`x/foo.tar.gz` -> `DST_ROOT/x/foo`). Hidden directories and `dst_root`
-  itself (unless it is a module) are skipped. If `src_root` is itself a module or an archive, its
-  output is `DST_ROOT/<its name>`.
+  itself (unless it is a module) are skipped. If `src_root` is itself a
+  module or an archive, its output is `DST_ROOT/<its name>`.
   """
   src_root = os.path.abspath(src_root)
   dst_root = os.path.abspath(dst_root)

@@ -528,9 +528,10 @@ class ReferenceModule:
     `bypass_output_dropout`), the regularization losses and the gradients of
     `sum(output * probe)`; then the update ops once with the same feeds (in
     the same run if the output itself assigns variables: in-place batch-norm
-    updates); then reads the variables. `feeds_by_tensor` feeds more graph tensors by name
-    (e.g. a hyperparameter that the signature does not take). Random ops are fed: with `random_feeds` (op name ->
-    value) or with seeded values of their distribution. The variables are
+    updates); then reads the variables. `feeds_by_tensor` feeds more graph
+    tensors by name (e.g. a hyperparameter that the signature does not
+    take). Random ops are fed: with `random_feeds` (op name -> value) or
+    with seeded values of their distribution. The variables are
     restored to the module's values before the step and left updated after
     it (call `reset()`).
     """
