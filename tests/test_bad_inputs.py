@@ -964,22 +964,25 @@ def report_inside_src(root):
                        f"--report={report}")
 
 
+def _report_case(root, report, *needles):
+  """A --report path that cannot take the report: refused before the run."""
+  return _convert_case(_copy(root), root, ExitCode.OUTPUT, [report, *needles],
+                       f"--report={report}")
+
+
 @case
 def report_is_a_directory(root):
-  """A --report path that cannot take the report is refused before the run."""
   report = os.path.join(root, "reportdir")
   os.makedirs(report)
-  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
-                       [report, "expected a report file to replace",
-                        "found a directory"], f"--report={report}")
+  return _report_case(root, report, "expected a report file to replace",
+                      "found a directory")
 
 
 @case
 def report_in_a_missing_directory(root):
   report = os.path.join(root, "no", "r.json")
-  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
-                       [report, "expected a report path in an existing, searchable directory"],
-                       f"--report={report}")
+  return _report_case(root, report,
+                      "expected a report path in an existing, searchable directory")
 
 
 @case
@@ -987,8 +990,7 @@ def report_is_a_fifo(root):
   """A FIFO as the report would block the end of the run forever."""
   report = os.path.join(root, "r.json")
   os.mkfifo(report)
-  return _convert_case(_copy(root), root, ExitCode.OUTPUT,
-                       [report, "found a special file"], f"--report={report}")
+  return _report_case(root, report, "found a special file")
 
 
 # ---- Issue #14: bad input that was exit 1 ----------------------------------
